@@ -1,0 +1,282 @@
+#!/usr/bin/env bash
+# Packet-rate benchmark of a vhost-user net backend driven by DPDK virtio-user,
+# vsnoop side by side with DPDK's own vhost backend (net_vhost <-> net_tap, io
+# forwarding) on the same TAP path, in the same run.
+#
+#   guest->TAP (g2t): testpmd A (net_virtio_user, txonly) -> backend -> TAP.
+#                     Rate = the TAP's kernel RX counters (frames the backend
+#                     wrote into the tap) over a fixed window.
+#   TAP->guest (t2g): testpmd C (net_af_packet on the TAP, txonly) -> TAP ->
+#                     backend -> testpmd A (net_virtio_user, rxonly).
+#                     Rate = testpmd A's RX counters over a fixed window.
+#
+# CPU placement (2 cores): the backend's data path owns CPU 1 (vsnoop is pinned
+# there as a whole; DPDK's backend has its forwarding lcore on CPU 1 and its
+# idle main lcore on CPU 0). testpmd A's forwarding lcore (and C's) run on
+# CPU 0, their idle main lcores on CPU 1.
+#
+# Everything runs inside a private network namespace that is removed at the
+# end, also on failure. Only processes this script started are signalled.
+#
+# Usage: benches/dpdk-pps.sh [results-file]
+# Environment: BACKENDS="dpdk vsnoop"  DIRS="g2t t2g"  SIZES="64 1500 65280"
+#              DURATION=5 (seconds measured)  WARMUP=2  VSNOOP=target/release/vsnoop
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BACKENDS=${BACKENDS:-"dpdk vsnoop"}
+DIRS=${DIRS:-"g2t t2g"}
+SIZES=${SIZES:-"64 1500 65280"}
+DURATION=${DURATION:-5}
+WARMUP=${WARMUP:-2}
+VSNOOP=${VSNOOP:-$ROOT/target/release/vsnoop}
+RESULTS=${1:-$ROOT/target/bench-results/dpdk-pps-$(date +%Y%m%d-%H%M%S).md}
+TAG="vsb$$"
+WORK=$(mktemp -d "/tmp/vsnoop-dpdk-pps.XXXXXX")
+NS="${TAG}n"
+TAP="${TAG}t"
+PIDFILE="$WORK/pids"
+: >"$PIDFILE"
+
+log() { printf '[dpdk-pps %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+stop_pid() { # pid: SIGTERM, then SIGKILL after 5 s; only our own children
+    local pid=$1 i
+    kill -0 "$pid" 2>/dev/null || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    for i in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
+# Stops every process this script started (their PIDs are in $PIDFILE), then
+# removes the namespace and DPDK's runtime directories for our file prefixes.
+stop_all() {
+    local pid
+    if [[ -s $PIDFILE ]]; then
+        while read -r pid; do stop_pid "$pid"; done <"$PIDFILE"
+    fi
+    : >"$PIDFILE"
+    ip netns del "$NS" 2>/dev/null || true
+    rm -rf "/var/run/dpdk/${TAG}A" "/var/run/dpdk/${TAG}B" "/var/run/dpdk/${TAG}C"
+}
+
+cleanup() {
+    local rc=$?
+    stop_all
+    if [[ $rc -ne 0 && -z ${KEEP_LOGS:-} ]]; then
+        log "failed (rc=$rc); logs kept in $WORK"
+    else
+        rm -rf "$WORK"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+for tool in dpdk-testpmd ip taskset stdbuf awk; do
+    command -v "$tool" >/dev/null || die "required tool $tool is missing"
+done
+
+# testpmd NAME MAIN_CPU FWD_CPU EAL-ARGS... -- APP-ARGS...
+# Runs testpmd non-interactively (auto-start, 1 s periodic stats) inside $NS
+# with line-buffered output in $WORK/NAME.log; the PID goes to $PIDFILE.
+testpmd() {
+    local name=$1 main=$2 fwd=$3; shift 3
+    local prefix="$TAG$name"
+    ip netns exec "$NS" stdbuf -oL dpdk-testpmd --no-pci --no-huge -m 1024 \
+        --file-prefix "$prefix" --lcores "0@$main,1@$fwd" --log-level=user1,info "$@" \
+        </dev/null >"$WORK/$name.log" 2>&1 &
+    echo $! >>"$PIDFILE"
+    eval "PID_$name=$!"
+}
+
+nsread() { ip netns exec "$NS" cat "/sys/class/net/$1/statistics/$2"; }
+
+wait_for() { # seconds description command...
+    local secs=$1 what=$2; shift 2
+    local deadline=$((SECONDS + secs))
+    until "$@" >/dev/null 2>&1; do
+        ((SECONDS < deadline)) || die "timed out waiting for $what"
+        sleep 0.1
+    done
+}
+
+# Latest cumulative "RX-packets"/"RX-bytes" (or TX-) of port 0 from testpmd A's
+# periodic statistics.
+pmd_counter() { # logfile RX|TX packets|bytes
+    awk -v want="$2-$3:" '
+        /NIC statistics for port 0|Port statistics/ { inport = 1 }
+        /NIC statistics for port 1/ { inport = 0 }
+        inport { for (i = 1; i < NF; i++) if ($i == want) v = $(i + 1) }
+        END { print v + 0 }' "$1"
+}
+
+now() { date +%s.%N; }
+
+# Predicates for wait_for (evaluated afresh on every poll).
+tap_rx_over() { (($(nsread "$TAP" rx_packets) > $1)); }
+pmd_rx_over() { (($(pmd_counter "$WORK/A.log" RX packets) > $1)); }
+ticks_at_least() { (($(grep -c "Port statistics" "$WORK/A.log") >= $1)); }
+
+txpkts_arg() { # frame size -> --txpkts segments (<= 2040 B each)
+    local size=$1 segs=() left=$1
+    while ((left > 2040)); do segs+=(2040); left=$((left - 2040)); done
+    segs+=("$left")
+    local IFS=,
+    echo "--txpkts=${segs[*]}"
+}
+
+start_backend() { # backend size
+    local backend=$1 size=$2
+    local sock="$WORK/vhost.sock"
+    rm -f "$sock"
+    case $backend in
+    dpdk)
+        local extra=()
+        ((size > 1500)) && extra=(--enable-scatter --max-pkt-len=65535)
+        testpmd B 0 1 --vdev "net_vhost0,iface=$sock,queues=1" --vdev "net_tap0,iface=$TAP" \
+            -- --forward-mode=io --auto-start --stats-period 1 --total-num-mbufs=32768 "${extra[@]}"
+        wait_for 30 "DPDK vhost socket" test -S "$sock"
+        ;;
+    vsnoop)
+        [[ -x $VSNOOP ]] || die "$VSNOOP not built (cargo build --release)"
+        ip netns exec "$NS" env RUST_LOG=${RUST_LOG:-info} taskset -c 1 "$VSNOOP" \
+            --socket "$sock" --tap "$TAP" >"$WORK/vsnoop.out" 2>"$WORK/vsnoop.log" &
+        echo $! >>"$PIDFILE"
+        PID_V=$!
+        wait_for 30 "vsnoop 'listening on'" grep -q "listening on" "$WORK/vsnoop.log"
+        ;;
+    esac
+    wait_for 30 "tap $TAP" ip netns exec "$NS" ip link show "$TAP"
+    ip netns exec "$NS" ip link set "$TAP" up
+    if ((size > 1500)); then ip netns exec "$NS" ip link set "$TAP" mtu 65535 || true; fi
+}
+
+backend_ready() { # backend
+    case $1 in
+    dpdk) grep -q "virtio is now ready for processing" "$WORK/B.log" ;;
+    vsnoop) grep -q "frontend connected" "$WORK/vsnoop.log" ;;
+    esac
+}
+
+vsnoop_stats() { # -> prints summed key=value pairs
+    [[ -n ${PID_V:-} ]] || return 0
+    local before
+    before=$(grep -c "vsnoop-stats-end" "$WORK/vsnoop.log" || true)
+    kill -USR1 "$PID_V" 2>/dev/null || return 0
+    local i
+    for i in $(seq 50); do
+        (($(grep -c "vsnoop-stats-end" "$WORK/vsnoop.log" || true) > before)) && break
+        sleep 0.1
+    done
+    awk '/vsnoop-stats-begin/ { delete s } /vsnoop-stats / {
+            for (i = 1; i <= NF; i++) if ($i ~ /^[a-z_]+=[0-9]+$/) { split($i, kv, "="); if (kv[1] != "queue") s[kv[1]] += kv[2] } }
+         END { for (k in s) printf "%s=%s ", k, s[k]; print "" }' "$WORK/vsnoop.log"
+}
+
+# One measurement; prints "pps bps frames" (bps on the Ethernet frame bytes).
+run_case() { # backend dir size
+    local backend=$1 dir=$2 size=$3
+    PID_V=""
+    ip netns add "$NS"
+    ip netns exec "$NS" ip link set lo up
+    start_backend "$backend" "$size"
+    local vu="net_virtio_user0,path=$WORK/vhost.sock,queues=1,mrg_rxbuf=1"
+    local big=()
+    ((size > 1500)) && big=(--enable-scatter --max-pkt-len=65535)
+    local p0 p1 b0 b1 t0 t1
+    if [[ $dir == g2t ]]; then
+        testpmd A 1 0 --vdev "$vu" -- --forward-mode=txonly --auto-start --stats-period 1 \
+            --total-num-mbufs=32768 "$(txpkts_arg "$size")"
+        wait_for 60 "backend ready" backend_ready "$backend"
+        wait_for 60 "frames on the tap" tap_rx_over 1000
+        sleep "$WARMUP"
+        t0=$(now); p0=$(nsread "$TAP" rx_packets); b0=$(nsread "$TAP" rx_bytes)
+        sleep "$DURATION"
+        t1=$(now); p1=$(nsread "$TAP" rx_packets); b1=$(nsread "$TAP" rx_bytes)
+    else
+        testpmd A 1 0 --vdev "$vu" -- --forward-mode=rxonly --auto-start --stats-period 1 \
+            --total-num-mbufs=32768 "${big[@]}"
+        wait_for 60 "backend ready" backend_ready "$backend"
+        local afp="net_af_packet0,iface=$TAP,qpairs=1"
+        ((size > 1500)) && afp+=",blocksz=69632,framesz=69632,framecnt=64"
+        testpmd C 1 0 --vdev "$afp" -- --forward-mode=txonly --auto-start --stats-period 1 \
+            --total-num-mbufs=32768 "$(txpkts_arg "$size")"
+        wait_for 60 "frames at testpmd A" pmd_rx_over 1000
+        sleep "$WARMUP"
+        # The periodic statistics tick once per second: sample right after a tick.
+        local n0
+        n0=$(grep -c "Port statistics" "$WORK/A.log" || true)
+        wait_for 5 "stats tick" ticks_at_least $((n0 + 1))
+        sleep 0.05
+        t0=$(now); p0=$(pmd_counter "$WORK/A.log" RX packets); b0=$(pmd_counter "$WORK/A.log" RX bytes)
+        n0=$(grep -c "Port statistics" "$WORK/A.log" || true)
+        wait_for $((DURATION + 5)) "stats tick" ticks_at_least $((n0 + DURATION))
+        sleep 0.05
+        t1=$(now); p1=$(pmd_counter "$WORK/A.log" RX packets); b1=$(pmd_counter "$WORK/A.log" RX bytes)
+        # the periodic stats are exact 1 s ticks: use the tick count as the window
+        t1=$(awk -v a="$t0" -v d="$DURATION" 'BEGIN { printf "%.6f", a + d }')
+    fi
+    local extra=""
+    if [[ $backend == vsnoop ]]; then extra=$(vsnoop_stats); fi
+    local tapinfo
+    tapinfo="tap rx=$(nsread "$TAP" rx_packets) tx=$(nsread "$TAP" tx_packets) tx_dropped=$(nsread "$TAP" tx_dropped)"
+    cp "$WORK/A.log" "$WORK/last-A.log"
+    stop_all
+    log "  $backend $dir $size: $((p1 - p0)) frames in window; $tapinfo ${extra}"
+    awk -v p="$((p1 - p0))" -v b="$((b1 - b0))" -v t0="$t0" -v t1="$t1" \
+        'BEGIN { dt = t1 - t0; printf "%.4f %.4f %d\n", p / dt / 1e6, b * 8 / dt / 1e9, p }'
+}
+
+mkdir -p "$(dirname "$RESULTS")"
+declare -A MPPS GBPS
+for dir in $DIRS; do
+    for size in $SIZES; do
+        for backend in $BACKENDS; do
+            log "running $backend $dir ${size} B (warm-up ${WARMUP}s, window ${DURATION}s)"
+            # Each case runs in a subshell with its own cleanup so that a
+            # failing backend still lets the other rows be measured.
+            set +e
+            (
+                set -e
+                trap stop_all EXIT
+                trap 'exit 130' INT TERM
+                run_case "$backend" "$dir" "$size" >"$WORK/result"
+            )
+            rc=$?
+            set -e
+            ((rc == 130)) && exit 130
+            if ((rc == 0)); then
+                read -r mpps gbps _ <"$WORK/result"
+                MPPS[$backend,$dir,$size]=$mpps
+                GBPS[$backend,$dir,$size]=$gbps
+                log "  -> $mpps Mpps, $gbps Gbit/s"
+            else
+                MPPS[$backend,$dir,$size]="failed"
+                GBPS[$backend,$dir,$size]="failed"
+                keep="${RESULTS%.md}-logs/$backend-$dir-$size"
+                mkdir -p "$keep"
+                cp "$WORK"/*.log "$keep"/ 2>/dev/null || true
+                log "  -> FAILED ($backend $dir $size); logs in $keep"
+            fi
+        done
+    done
+done
+
+dirname_of() { [[ $1 == g2t ]] && echo "guest->TAP" || echo "TAP->guest"; }
+{
+    echo "### dpdk-pps: $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs, $(uname -r), window ${DURATION}s"
+    echo
+    echo "| direction | frame (B) | vsnoop Mpps | vsnoop Gbit/s | DPDK vhost Mpps | DPDK vhost Gbit/s | vsnoop/DPDK |"
+    echo "|---|---:|---:|---:|---:|---:|---:|"
+    for dir in $DIRS; do
+        for size in $SIZES; do
+            v=${MPPS[vsnoop,$dir,$size]:-n/m}; vg=${GBPS[vsnoop,$dir,$size]:-n/m}
+            d=${MPPS[dpdk,$dir,$size]:-n/m}; dg=${GBPS[dpdk,$dir,$size]:-n/m}
+            ratio=$(awk -v v="$v" -v d="$d" 'BEGIN { if (v + 0 > 0 && d + 0 > 0) printf "%.2f", v / d; else print "-" }')
+            echo "| $(dirname_of "$dir") | $size | $v | $vg | $d | $dg | $ratio |"
+        done
+    done
+} | tee "$RESULTS"
+log "results written to $RESULTS"

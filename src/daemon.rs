@@ -1,0 +1,170 @@
+//! Listen or connect, serve one frontend at a time, survive disconnects.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use log::{info, warn};
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+use crate::config::Config;
+use crate::metrics::{format_report, QueueMetrics};
+use crate::port::Tap;
+use crate::vhost_user::shim::Relay;
+use crate::vhost_user::{tap_event_id, NetBackend};
+
+/// Runs the daemon until SIGINT/SIGTERM.
+pub fn run(config: Config) -> Result<()> {
+    if config.ack_offload {
+        warn!("--ack-offload on: ACK offload is not implemented yet; packets pass unchanged");
+    }
+    let tap = Tap::open(&config.tap, config.queue_pairs)?;
+    let listener = if config.client {
+        None
+    } else {
+        Some(bind_server_socket(&config.socket)?)
+    };
+    let backend = NetBackend::new(tap, config.queue_size, None);
+    install_signal_handlers(
+        backend.metrics().to_vec(),
+        listener.as_ref().map(|_| config.socket.clone()),
+    )?;
+    info!(
+        "tap {} attached with {} queue pair(s)",
+        backend.tap().name(),
+        backend.queue_pairs()
+    );
+    match &listener {
+        Some(_) => info!("listening on {}", config.socket.display()),
+        None => info!("connecting to {}", config.socket.display()),
+    }
+    let mut generation = 0u64;
+    loop {
+        let frontend = match &listener {
+            Some(l) => l.accept().context("accepting a vhost-user connection")?.0,
+            None => connect_with_retry(&config.socket),
+        };
+        generation += 1;
+        info!("frontend connected (connection {generation})");
+        if let Err(e) = serve_connection(&backend, frontend, generation) {
+            warn!("connection {generation} ended with an error: {e:#}");
+        }
+        info!("frontend disconnected; waiting for the next connection");
+        eprint!("{}", format_report(backend.metrics()));
+    }
+}
+
+/// Serves one frontend connection to its end.
+fn serve_connection(backend: &NetBackend, frontend: UnixStream, generation: u64) -> Result<()> {
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let backend = backend.for_connection(generation, mem.clone());
+    let mut daemon = VhostUserDaemon::new("vsnoop-vhost-user".into(), backend.clone(), mem)
+        .map_err(|e| anyhow::anyhow!("creating the vhost-user daemon: {e:?}"))?;
+    let tap_id = tap_event_id(backend.num_queues());
+    for (i, handler) in daemon.get_epoll_handlers().iter().enumerate() {
+        handler
+            .register_listener(
+                backend.tap().queue_fd(i),
+                EventSet::IN | EventSet::EDGE_TRIGGERED,
+                tap_id,
+            )
+            .context("registering the tap with the worker")?;
+    }
+    let backend_side = connect_daemon(&mut daemon)?;
+    let relay = Relay::start(frontend, backend_side).context("starting the message relay")?;
+    let result = daemon.wait();
+    relay.close();
+    for handler in daemon.get_epoll_handlers() {
+        handler.send_exit_event();
+    }
+    relay.join();
+    backend.reset_connection();
+    result.map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Hands the vhost-user request handler its end of the relay: it connects to
+/// a private socket (in a 0700 directory) that we accept on.
+fn connect_daemon(daemon: &mut VhostUserDaemon<NetBackend>) -> Result<UnixStream> {
+    let dir = std::env::temp_dir().join(format!("vsnoop-{}", std::process::id()));
+    if !dir.exists() {
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let path = dir.join("handler.sock");
+    let _ = fs::remove_file(&path);
+    let listener = UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
+    let path_str = path.to_str().context("temporary directory path is not UTF-8")?;
+    daemon
+        .start_client(path_str)
+        .map_err(|e| anyhow::anyhow!("starting the vhost-user handler: {e:?}"))?;
+    let (stream, _) = listener.accept().context("accepting the handler's connection")?;
+    let _ = fs::remove_file(&path);
+    let _ = fs::remove_dir(&dir);
+    Ok(stream)
+}
+
+/// Binds the server socket, refusing a path another process is serving and
+/// replacing a stale one.
+fn bind_server_socket(path: &Path) -> Result<UnixListener> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => {
+            bail!("{} exists and is not a socket", path.display())
+        }
+        Ok(_) => match UnixStream::connect(path) {
+            Ok(_) => bail!("socket {} is in use by another process", path.display()),
+            Err(_) => fs::remove_file(path)
+                .with_context(|| format!("removing stale socket {}", path.display()))?,
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("checking {}", path.display())),
+    }
+    UnixListener::bind(path).with_context(|| format!("listening on {}", path.display()))
+}
+
+fn connect_with_retry(path: &Path) -> UnixStream {
+    let mut logged = false;
+    loop {
+        match UnixStream::connect(path) {
+            Ok(s) => return s,
+            Err(e) => {
+                if !logged {
+                    info!("waiting for a VMM to listen on {} ({e})", path.display());
+                    logged = true;
+                }
+                thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+fn install_signal_handlers(metrics: Vec<Arc<QueueMetrics>>, socket: Option<PathBuf>) -> Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR1]).context("installing signal handlers")?;
+    thread::Builder::new()
+        .name("vsnoop-signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                eprint!("{}", format_report(&metrics));
+                if signal != SIGUSR1 {
+                    if let Some(path) = &socket {
+                        let _ = fs::remove_file(path);
+                    }
+                    info!("exiting on signal {signal}");
+                    std::process::exit(0);
+                }
+            }
+        })
+        .context("starting the signal thread")?;
+    Ok(())
+}

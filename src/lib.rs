@@ -1,0 +1,24 @@
+//! vsnoop: a vhost-user virtio-net backend with a TAP port.
+//!
+//! Module map:
+//! - [`cli`], [`config`]: arguments and their validation
+//! - [`daemon`]: listen / connect, serve, reconnect, shutdown
+//! - [`vhost_user`]: the `VhostUserBackend` impl and the message relay that
+//!   copes with QEMU 7.2's ring-enable ordering
+//! - [`net`]: the per-queue-pair data path (RX, TX, descriptor validation,
+//!   virtio-net header)
+//! - [`port`]: the host side (TAP)
+//! - [`timing`]: the clock and the per-packet hook points
+//! - [`metrics`]: counters for every packet and drop path
+
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
+
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod metrics;
+pub mod net;
+pub mod port;
+pub mod timing;
+pub mod vhost_user;

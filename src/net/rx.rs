@@ -1,0 +1,362 @@
+//! RX: frames from the tap into the guest's posted buffers.
+//!
+//! The fast path reads each frame with one `readv` straight into guest
+//! buffers. Because the frame length is unknown before the read, the worker
+//! holds enough validated chains for the largest possible frame (popped from
+//! the avail ring, not yet used), reads into all of them, and uses only as
+//! many as the frame needed; the rest stay held for the next frame. When the
+//! guest has posted less than a maximum frame, the frame is read into a
+//! bounce buffer and copied if it fits. When the guest has posted nothing,
+//! the tap is not read at all (backpressure): the frame waits in the tap's
+//! queue and the guest's next kick resumes the pass.
+
+use std::collections::VecDeque;
+use std::num::Wrapping;
+
+use log::{debug, warn};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use super::chain::{collect_segments, Access, ChainError, Segment};
+use super::vnet_hdr::{MAX_FRAME_LEN, NUM_BUFFERS_OFFSET};
+use super::{copy_to_segments, push_iovecs, IovecBuf, QueuePair, BATCH};
+use crate::metrics::QueueMetrics;
+use crate::port::tap;
+use crate::timing::{now_ns, PacketView, RxStamps};
+use vhost_user_backend::VringT;
+
+/// A validated chain popped from the avail ring and not yet used.
+struct HeldChain {
+    head: u16,
+    len: u32,
+    segments: Vec<Segment>,
+}
+
+/// RX state of one queue pair.
+pub struct RxState {
+    held: VecDeque<HeldChain>,
+    held_bytes: usize,
+    spare: Vec<Vec<Segment>>,
+    iov: IovecBuf,
+    bounce: Vec<u8>,
+    /// Length of a frame waiting in `bounce` (0: none).
+    pending: usize,
+    /// `host_in` timestamp of the pending frame.
+    pending_stamp: u64,
+}
+
+impl Default for RxState {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Why an RX pass stopped.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RxStop {
+    /// The tap has no more frames.
+    TapEmpty,
+    /// The guest has no (or not enough) buffers; its kick resumes us.
+    NoBuffers,
+    /// The ring is not running, or it is broken.
+    NotRunning,
+}
+
+impl RxState {
+    /// Empty state.
+    pub fn new() -> Self {
+        RxState {
+            held: VecDeque::new(),
+            held_bytes: 0,
+            spare: Vec::new(),
+            iov: IovecBuf::default(),
+            bounce: Vec::new(),
+            pending: 0,
+            pending_stamp: 0,
+        }
+    }
+
+    /// Number of chains held (popped but not used).
+    pub fn held_chains(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Drops held chains without touching a ring (the connection is gone).
+    pub fn forget_held_chains(&mut self) {
+        while let Some(chain) = self.held.pop_front() {
+            self.spare.push(chain.segments);
+        }
+        self.held_bytes = 0;
+    }
+
+    /// Gives held chains back to the avail ring (the ring is being stopped),
+    /// so the next_avail the frontend reads covers only chains we used.
+    pub fn return_held_chains(&mut self, queue: &mut Queue) {
+        let held = self.held.len() as u16;
+        if held > 0 {
+            let next = Wrapping(queue.next_avail()) - Wrapping(held);
+            queue.set_next_avail(next.0);
+            debug!("returned {held} held RX chains to the avail ring");
+        }
+        self.forget_held_chains();
+    }
+
+    fn recycle_front(&mut self) -> Option<HeldChain> {
+        let chain = self.held.pop_front()?;
+        self.held_bytes -= chain.len as usize;
+        Some(chain)
+    }
+
+    /// Pops and validates chains until `want` bytes are held or the avail
+    /// ring is empty. Invalid chains are returned with length 0 and counted.
+    fn refill(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap, want: usize, m: &QueueMetrics) {
+        while self.held_bytes < want {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                return;
+            };
+            let head = chain.head_index();
+            let mut segments = self.spare.pop().unwrap_or_default();
+            match collect_segments(chain, mem, Access::DeviceWrites, &mut segments) {
+                Ok(len) if len > 0 => {
+                    self.held_bytes += len as usize;
+                    self.held.push_back(HeldChain {
+                        head,
+                        len,
+                        segments,
+                    });
+                }
+                result => {
+                    let counter = match result {
+                        Err(ChainError::BadAddress) => &m.rx_drop_bad_address,
+                        Err(ChainError::WrongDirection) => &m.rx_drop_readonly_buffer,
+                        _ => &m.rx_drop_bad_chain,
+                    };
+                    QueueMetrics::inc(counter);
+                    self.spare.push(segments);
+                    if queue.add_used(mem, head, 0).is_err() {
+                        QueueMetrics::inc(&m.bad_head_index);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl QueuePair {
+    /// Moves frames from the tap into the RX ring until the tap is empty or
+    /// the guest runs out of buffers; publishes and notifies once per batch.
+    pub fn process_rx(&mut self, mem: &GuestMemoryMmap) -> RxStop {
+        let Some((rx_vring, _)) = self.vrings.clone() else {
+            return RxStop::NotRunning;
+        };
+        let mut state = rx_vring.get_mut();
+        if !state.get_queue().ready() || !state.is_enabled() {
+            return RxStop::NotRunning;
+        }
+        let mut published = 0usize;
+        let stop = loop {
+            if published == BATCH {
+                notify_guest(&mut state, mem);
+                published = 0;
+            }
+            match self.receive_one(state.get_queue_mut(), mem) {
+                Ok(()) => published += 1,
+                Err(stop) => break stop,
+            }
+        };
+        if published > 0 {
+            notify_guest(&mut state, mem);
+        }
+        stop
+    }
+
+    /// Delivers one frame; `Err` says why no frame was delivered.
+    fn receive_one(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<(), RxStop> {
+        let n = &self.negotiated;
+        let hdr_len = n.hdr_len;
+        let mergeable = n.mergeable;
+        let max_packet = n.max_rx_packet(self.mtu);
+        let m = self.metrics.clone();
+        loop {
+            let want = if mergeable { max_packet } else { 1 };
+            self.rx.refill(queue, mem, want, &m);
+            let capacity = if mergeable {
+                self.rx.held_bytes
+            } else {
+                self.rx.held.front().map_or(0, |c| c.len as usize)
+            };
+            if self.rx.held.is_empty() {
+                QueueMetrics::inc(&m.rx_no_buffer);
+                self.wait_for_buffers(queue, mem)?;
+                continue;
+            }
+
+            let (len, host_in) = if self.rx.pending == 0 && capacity >= max_packet {
+                // Fast path: read straight into the held guest buffers.
+                let chains = if mergeable { self.rx.held.len() } else { 1 };
+                self.rx.iov.0.clear();
+                for chain in self.rx.held.iter().take(chains) {
+                    push_iovecs(mem, &chain.segments, chain.len as usize, &mut self.rx.iov.0);
+                }
+                match tap::readv(self.tap_fd, &self.rx.iov.0) {
+                    Ok(Some(len)) => (len, self.stamp()),
+                    Ok(None) => return Err(RxStop::TapEmpty),
+                    Err(e) => {
+                        QueueMetrics::inc(&m.rx_tap_read_errors);
+                        warn!("queue pair {}: tap read failed: {e}", self.index);
+                        return Err(RxStop::TapEmpty);
+                    }
+                }
+            } else {
+                // Slow path: the buffers posted so far might not hold the frame.
+                if self.rx.pending == 0 {
+                    if self.rx.bounce.len() < hdr_len + MAX_FRAME_LEN {
+                        self.rx.bounce.resize(hdr_len + MAX_FRAME_LEN, 0);
+                    }
+                    let iov = [libc::iovec {
+                        iov_base: self.rx.bounce.as_mut_ptr().cast(),
+                        iov_len: self.rx.bounce.len(),
+                    }];
+                    match tap::readv(self.tap_fd, &iov) {
+                        Ok(Some(len)) => {
+                            self.rx.pending = len;
+                            self.rx.pending_stamp = self.stamp();
+                        }
+                        Ok(None) => return Err(RxStop::TapEmpty),
+                        Err(e) => {
+                            QueueMetrics::inc(&m.rx_tap_read_errors);
+                            warn!("queue pair {}: tap read failed: {e}", self.index);
+                            return Err(RxStop::TapEmpty);
+                        }
+                    }
+                }
+                let len = self.rx.pending;
+                if len > capacity {
+                    let never_fits = !mergeable
+                        || self.rx.held.len() >= usize::from(queue.size());
+                    if never_fits {
+                        QueueMetrics::inc(&m.rx_drop_frame_too_large);
+                        self.rx.pending = 0;
+                        continue;
+                    }
+                    QueueMetrics::inc(&m.rx_no_buffer);
+                    self.wait_for_buffers(queue, mem)?;
+                    continue;
+                }
+                let mut copied = 0;
+                for chain in self.rx.held.iter() {
+                    if copied == len {
+                        break;
+                    }
+                    copied += copy_to_segments(mem, &chain.segments, 0, &self.rx.bounce[copied..len]);
+                }
+                QueueMetrics::inc(&m.rx_bounced);
+                self.rx.pending = 0;
+                (len, self.rx.pending_stamp)
+            };
+
+            if len < hdr_len {
+                // The tap always prepends a full header; anything shorter is
+                // a kernel/tap error. The held buffers stay held.
+                QueueMetrics::inc(&m.rx_tap_read_errors);
+                continue;
+            }
+            self.publish(queue, mem, len, host_in);
+            return Ok(());
+        }
+    }
+
+    /// Timestamp for a hook, or 0 when no hook wants one.
+    fn stamp(&self) -> u64 {
+        if self.hook.is_some() {
+            now_ns()
+        } else {
+            0
+        }
+    }
+
+    /// Marks the chains holding a `len`-byte packet used.
+    fn publish(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap, len: usize, host_in: u64) {
+        let m = &self.metrics;
+        let hdr_len = self.negotiated.hdr_len;
+        let mut remaining = len;
+        let mut used = 0u16;
+        // Count the chains first: num_buffers must be in the header before
+        // the used index that exposes it is published.
+        for chain in self.rx.held.iter() {
+            used += 1;
+            remaining = remaining.saturating_sub(chain.len as usize);
+            if remaining == 0 || !self.negotiated.mergeable {
+                break;
+            }
+        }
+        if self.negotiated.mergeable {
+            if let Some(first) = self.rx.held.front() {
+                copy_to_segments(mem, &first.segments, NUM_BUFFERS_OFFSET, &used.to_le_bytes());
+            }
+        }
+        let hook = self.hook.clone();
+        let mut remaining = len;
+        let mut first_segments = None;
+        for _ in 0..used {
+            let Some(chain) = self.rx.recycle_front() else {
+                break;
+            };
+            let this = remaining.min(chain.len as usize);
+            remaining -= this;
+            if queue.add_used(mem, chain.head, this as u32).is_err() {
+                QueueMetrics::inc(&m.bad_head_index);
+            }
+            if hook.is_some() && first_segments.is_none() {
+                first_segments = Some(chain.segments);
+            } else {
+                self.rx.spare.push(chain.segments);
+            }
+        }
+        QueueMetrics::inc(&m.rx_packets);
+        QueueMetrics::add(&m.rx_bytes, (len - hdr_len) as u64);
+        if let (Some(hook), Some(segments)) = (hook, first_segments) {
+            // The used index is published by add_used (release store).
+            let stamps = RxStamps {
+                host_in,
+                ring: now_ns(),
+            };
+            let view = PacketView {
+                mem,
+                segments: &segments,
+                len: len.min(segments.iter().map(|s| s.len as usize).sum()),
+                hdr_len,
+            };
+            hook.rx_published(self.index, &view, stamps);
+            self.rx.spare.push(segments);
+        }
+    }
+
+    /// No room for the next frame: ask the guest to kick us when it posts
+    /// buffers. `Ok` means it already has (the caller retries).
+    fn wait_for_buffers(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<(), RxStop> {
+        match queue.enable_notification(mem) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(RxStop::NoBuffers),
+            Err(e) => {
+                warn!("queue pair {}: RX ring unusable: {e}", self.index);
+                Err(RxStop::NotRunning)
+            }
+        }
+    }
+}
+
+/// Signals the guest if the ring's notification rules (EVENT_IDX) ask for it.
+pub(super) fn notify_guest<G>(state: &mut G, mem: &GuestMemoryMmap)
+where
+    G: std::ops::DerefMut<Target = vhost_user_backend::VringState>,
+{
+    match state.get_queue_mut().needs_notification(mem) {
+        Ok(true) | Err(_) => {
+            if let Err(e) = state.signal_used_queue() {
+                warn!("cannot signal the guest: {e}");
+            }
+        }
+        Ok(false) => {}
+    }
+}

@@ -1,0 +1,154 @@
+//! TX: guest frames from the TX ring to the tap.
+//!
+//! Each chain is validated, its virtio-net header checked against what was
+//! negotiated, and written to the tap with one `writev` straight from guest
+//! memory (the tap uses the same header layout, so it passes through). Every
+//! chain is returned to the guest, sent or dropped, with length 0.
+
+use log::warn;
+use vhost_user_backend::VringT;
+use virtio_queue::QueueT;
+use vm_memory::GuestMemoryMmap;
+
+use super::chain::{collect_segments, Access, ChainError, Segment};
+use super::rx::notify_guest;
+use super::vnet_hdr::{VnetHdr, HDR_LEN_V1, MAX_FRAME_LEN};
+use super::{copy_from_segments, push_iovecs, IovecBuf, QueuePair, BATCH, IOV_MAX};
+use crate::metrics::QueueMetrics;
+use crate::port::tap;
+use crate::timing::{now_ns, PacketView, TxStamps};
+
+/// TX state of one queue pair.
+#[derive(Default)]
+pub struct TxState {
+    segments: Vec<Segment>,
+    iov: IovecBuf,
+    linear: Vec<u8>,
+}
+
+impl TxState {
+    /// Empty state.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl QueuePair {
+    /// Sends every available TX chain to the tap, returns them to the guest,
+    /// and notifies once per batch.
+    pub fn process_tx(&mut self, mem: &GuestMemoryMmap) {
+        let Some((_, tx_vring)) = self.vrings.clone() else {
+            return;
+        };
+        let mut state = tx_vring.get_mut();
+        if !state.get_queue().ready() || !state.is_enabled() {
+            return;
+        }
+        let kick = if self.hook.is_some() { now_ns() } else { 0 };
+        let mut completed = 0usize;
+        loop {
+            // Suppress kicks while we are draining the ring anyway.
+            let _ = state.get_queue_mut().disable_notification(mem);
+            loop {
+                let queue = state.get_queue_mut();
+                let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                    break;
+                };
+                let head = chain.head_index();
+                let pop = if self.hook.is_some() { now_ns() } else { 0 };
+                let collected = collect_segments(chain, mem, Access::DeviceReads, &mut self.tx.segments);
+                self.transmit(mem, collected, TxStamps { kick, pop, host_out: 0 });
+                if queue.add_used(mem, head, 0).is_err() {
+                    QueueMetrics::inc(&self.metrics.bad_head_index);
+                }
+                completed += 1;
+                if completed % BATCH == 0 {
+                    notify_guest(&mut state, mem);
+                }
+            }
+            match state.get_queue_mut().enable_notification(mem) {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    warn!("queue pair {}: TX ring unusable: {e}", self.index);
+                    break;
+                }
+            }
+        }
+        if completed % BATCH != 0 {
+            notify_guest(&mut state, mem);
+        }
+    }
+
+    /// Validates one collected chain and writes it to the tap.
+    fn transmit(&mut self, mem: &GuestMemoryMmap, collected: Result<u32, ChainError>, mut stamps: TxStamps) {
+        let m = self.metrics.clone();
+        let hdr_len = self.negotiated.hdr_len;
+        let total = match collected {
+            Ok(total) => total as usize,
+            Err(e) => {
+                let counter = match e {
+                    ChainError::BadAddress => &m.tx_drop_bad_address,
+                    ChainError::WrongDirection => &m.tx_drop_writable_buffer,
+                    ChainError::Malformed | ChainError::TooLong => &m.tx_drop_bad_chain,
+                };
+                QueueMetrics::inc(counter);
+                return;
+            }
+        };
+        if total < hdr_len {
+            QueueMetrics::inc(&m.tx_drop_short_header);
+            return;
+        }
+        if total - hdr_len > MAX_FRAME_LEN {
+            QueueMetrics::inc(&m.tx_drop_too_large);
+            return;
+        }
+        let mut raw = [0u8; HDR_LEN_V1];
+        copy_from_segments(mem, &self.tx.segments, 0, &mut raw[..hdr_len]);
+        if let Err(e) = self.negotiated.check_tx_header(&VnetHdr::from_bytes(&raw[..hdr_len])) {
+            log::debug!("queue pair {}: dropping TX frame: {e}", self.index);
+            QueueMetrics::inc(&m.tx_drop_bad_gso);
+            return;
+        }
+
+        self.tx.iov.0.clear();
+        let covered = push_iovecs(mem, &self.tx.segments, total, &mut self.tx.iov.0);
+        if covered < total {
+            // More than IOV_MAX pieces (or memory changed under us): linearize.
+            if self.tx.iov.0.len() < IOV_MAX {
+                QueueMetrics::inc(&m.tx_drop_bad_address);
+                return;
+            }
+            self.tx.linear.resize(total, 0);
+            let n = copy_from_segments(mem, &self.tx.segments, 0, &mut self.tx.linear);
+            self.tx.iov.0.clear();
+            self.tx.iov.0.push(libc::iovec {
+                iov_base: self.tx.linear.as_mut_ptr().cast(),
+                iov_len: n,
+            });
+        }
+        match tap::writev(self.tap_fd, &self.tx.iov.0) {
+            Ok(Some(_)) => {
+                QueueMetrics::inc(&m.tx_packets);
+                QueueMetrics::add(&m.tx_bytes, (total - hdr_len) as u64);
+                if let Some(hook) = self.hook.clone() {
+                    stamps.host_out = now_ns();
+                    let view = PacketView {
+                        mem,
+                        segments: &self.tx.segments,
+                        len: total,
+                        hdr_len,
+                    };
+                    hook.tx_sent(self.index, &view, stamps);
+                }
+            }
+            Ok(None) => QueueMetrics::inc(&m.tx_drop_tap_write),
+            Err(e) => {
+                log::debug!("queue pair {}: tap write failed: {e}", self.index);
+                QueueMetrics::inc(&m.tx_drop_tap_write);
+            }
+        }
+    }
+}
+

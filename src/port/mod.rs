@@ -1,0 +1,5 @@
+//! The host side of the device: where guest frames go and host frames come from.
+
+pub mod tap;
+
+pub use tap::{Tap, TapError};
