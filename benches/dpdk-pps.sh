@@ -65,7 +65,7 @@ stop_all() {
 cleanup() {
     local rc=$?
     stop_all
-    if [[ $rc -ne 0 && -z ${KEEP_LOGS:-} ]]; then
+    if [[ $rc -ne 0 ]]; then
         log "failed (rc=$rc); logs kept in $WORK"
     else
         rm -rf "$WORK"
@@ -222,8 +222,11 @@ run_case() { # backend dir size
     if [[ $backend == vsnoop ]]; then extra=$(vsnoop_stats); fi
     local tapinfo
     tapinfo="tap rx=$(nsread "$TAP" rx_packets) tx=$(nsread "$TAP" tx_packets) tx_dropped=$(nsread "$TAP" tx_dropped)"
-    cp "$WORK/A.log" "$WORK/last-A.log"
     stop_all
+    if [[ -n ${KEEP_LOGS:-} ]]; then
+        mkdir -p "$KEEP_LOGS/$backend-$dir-$size"
+        cp "$WORK"/*.log "$KEEP_LOGS/$backend-$dir-$size/"
+    fi
     log "  $backend $dir $size: $((p1 - p0)) frames in window; $tapinfo ${extra}"
     awk -v p="$((p1 - p0))" -v b="$((b1 - b0))" -v t0="$t0" -v t1="$t1" \
         'BEGIN { dt = t1 - t0; printf "%.4f %.4f %d\n", p / dt / 1e6, b * 8 / dt / 1e9, p }'

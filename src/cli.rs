@@ -70,15 +70,34 @@ mod tests {
     #[test]
     fn parses_the_documented_contract() {
         let cli = Cli::try_parse_from([
-            "vsnoop", "--socket", "/tmp/s", "--tap", "t0", "--queues", "2", "--queue-size", "256",
-            "--client", "--ack-offload", "on",
+            "vsnoop",
+            "--socket",
+            "/tmp/s",
+            "--tap",
+            "t0",
+            "--queues",
+            "2",
+            "--queue-size",
+            "256",
+            "--client",
+            "--ack-offload",
+            "on",
         ])
         .unwrap();
         assert_eq!(cli.queues, 2);
         assert_eq!(cli.queue_size, 256);
         assert!(cli.client);
         assert_eq!(cli.ack_offload, Switch::On);
-        assert!(Cli::try_parse_from(["vsnoop", "--socket", "/s", "--tap", "t", "--ack-offload", "maybe"]).is_err());
+        assert!(Cli::try_parse_from([
+            "vsnoop",
+            "--socket",
+            "/s",
+            "--tap",
+            "t",
+            "--ack-offload",
+            "maybe"
+        ])
+        .is_err());
         assert!(Cli::try_parse_from(["vsnoop", "--tap", "t"]).is_err());
     }
 }

@@ -53,7 +53,10 @@ impl TryFrom<Cli> for Config {
         }
         if cli.tap.is_empty()
             || cli.tap.len() > 15
-            || cli.tap.bytes().any(|b| b == b'/' || b.is_ascii_whitespace() || b == 0)
+            || cli
+                .tap
+                .bytes()
+                .any(|b| b == b'/' || b.is_ascii_whitespace() || b == 0)
         {
             return Err(ConfigError::TapName(cli.tap));
         }
@@ -95,14 +98,24 @@ mod tests {
     fn out_of_range_values_are_refused() {
         assert_eq!(parse(&["--queues", "0"]), Err(ConfigError::QueuePairs(0)));
         assert_eq!(parse(&["--queues", "17"]), Err(ConfigError::QueuePairs(17)));
-        assert_eq!(parse(&["--queue-size", "100"]), Err(ConfigError::QueueSize(100)));
-        assert_eq!(parse(&["--queue-size", "32"]), Err(ConfigError::QueueSize(32)));
+        assert_eq!(
+            parse(&["--queue-size", "100"]),
+            Err(ConfigError::QueueSize(100))
+        );
+        assert_eq!(
+            parse(&["--queue-size", "32"]),
+            Err(ConfigError::QueueSize(32))
+        );
         assert!(parse(&["--queue-size", "32768"]).is_ok());
     }
 
     #[test]
     fn bad_tap_names_are_refused() {
-        let cli = Cli::try_parse_from(["vsnoop", "--socket", "/s", "--tap", "much-too-long-name"]).unwrap();
-        assert!(matches!(Config::try_from(cli), Err(ConfigError::TapName(_))));
+        let cli = Cli::try_parse_from(["vsnoop", "--socket", "/s", "--tap", "much-too-long-name"])
+            .unwrap();
+        assert!(matches!(
+            Config::try_from(cli),
+            Err(ConfigError::TapName(_))
+        ));
     }
 }

@@ -102,12 +102,17 @@ fn connect_daemon(daemon: &mut VhostUserDaemon<NetBackend>) -> Result<UnixStream
     }
     let path = dir.join("handler.sock");
     let _ = fs::remove_file(&path);
-    let listener = UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
-    let path_str = path.to_str().context("temporary directory path is not UTF-8")?;
+    let listener =
+        UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
+    let path_str = path
+        .to_str()
+        .context("temporary directory path is not UTF-8")?;
     daemon
         .start_client(path_str)
         .map_err(|e| anyhow::anyhow!("starting the vhost-user handler: {e:?}"))?;
-    let (stream, _) = listener.accept().context("accepting the handler's connection")?;
+    let (stream, _) = listener
+        .accept()
+        .context("accepting the handler's connection")?;
     let _ = fs::remove_file(&path);
     let _ = fs::remove_dir(&dir);
     Ok(stream)
@@ -149,8 +154,8 @@ fn connect_with_retry(path: &Path) -> UnixStream {
 
 fn install_signal_handlers(metrics: Vec<Arc<QueueMetrics>>, socket: Option<PathBuf>) -> Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
-    let mut signals =
-        signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR1]).context("installing signal handlers")?;
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR1])
+        .context("installing signal handlers")?;
     thread::Builder::new()
         .name("vsnoop-signals".into())
         .spawn(move || {

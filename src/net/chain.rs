@@ -68,10 +68,7 @@ where
         }
         let len = desc.len();
         if len > 0 {
-            let in_memory = desc
-                .addr()
-                .checked_add(u64::from(len))
-                .is_some()
+            let in_memory = desc.addr().checked_add(u64::from(len)).is_some()
                 && GuestMemoryBackend::check_range(mem, desc.addr(), len as usize);
             if !in_memory {
                 return Err(ChainError::BadAddress);
@@ -167,10 +164,16 @@ mod tests {
         // Descriptor 0 -> 1 -> 0 -> ...
         let table = vq.desc_table();
         table
-            .store(0, RawDescriptor::from(SplitDescriptor::new(0x1000, 10, NEXT, 1)))
+            .store(
+                0,
+                RawDescriptor::from(SplitDescriptor::new(0x1000, 10, NEXT, 1)),
+            )
             .unwrap();
         table
-            .store(1, RawDescriptor::from(SplitDescriptor::new(0x2000, 10, NEXT, 0)))
+            .store(
+                1,
+                RawDescriptor::from(SplitDescriptor::new(0x2000, 10, NEXT, 0)),
+            )
             .unwrap();
         vq.avail().ring().ref_at(0).unwrap().store(0u16.to_le());
         vq.avail().idx().store(1u16.to_le());
@@ -188,7 +191,10 @@ mod tests {
         let mem = memory();
         let vq = MockSplitQueue::new(&mem, 16);
         vq.desc_table()
-            .store(0, RawDescriptor::from(SplitDescriptor::new(0x1000, 10, NEXT, 99)))
+            .store(
+                0,
+                RawDescriptor::from(SplitDescriptor::new(0x1000, 10, NEXT, 99)),
+            )
             .unwrap();
         vq.avail().ring().ref_at(0).unwrap().store(0u16.to_le());
         vq.avail().idx().store(1u16.to_le());
@@ -205,10 +211,16 @@ mod tests {
     fn follows_indirect_tables_and_refuses_bad_ones() {
         let mem = memory();
         // A valid indirect table of two descriptors at 0x8000.
-        mem.write_obj(SplitDescriptor::new(0x1000, 12, WRITE | NEXT, 1), GuestAddress(0x8000))
-            .unwrap();
-        mem.write_obj(SplitDescriptor::new(0x2000, 100, WRITE, 0), GuestAddress(0x8010))
-            .unwrap();
+        mem.write_obj(
+            SplitDescriptor::new(0x1000, 12, WRITE | NEXT, 1),
+            GuestAddress(0x8000),
+        )
+        .unwrap();
+        mem.write_obj(
+            SplitDescriptor::new(0x2000, 100, WRITE, 0),
+            GuestAddress(0x8010),
+        )
+        .unwrap();
         let (r, segs) = collect_in(&mem, &[desc(0x8000, 32, INDIRECT, 0)], Access::DeviceWrites);
         assert_eq!(r, Ok(112));
         assert_eq!(segs.len(), 2);
@@ -216,7 +228,11 @@ mod tests {
         let (r, _) = collect_in(&mem, &[desc(0x8000, 20, INDIRECT, 0)], Access::DeviceWrites);
         assert_eq!(r, Err(ChainError::Malformed));
         // Table outside guest memory.
-        let (r, _) = collect_in(&mem, &[desc(0x40_0000, 32, INDIRECT, 0)], Access::DeviceWrites);
+        let (r, _) = collect_in(
+            &mem,
+            &[desc(0x40_0000, 32, INDIRECT, 0)],
+            Access::DeviceWrites,
+        );
         assert_eq!(r, Err(ChainError::Malformed));
     }
 }

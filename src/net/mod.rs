@@ -101,9 +101,9 @@ pub struct IovecBuf(pub Vec<libc::iovec>);
 // between passes the vector is empty in meaning (always cleared before use).
 unsafe impl Send for IovecBuf {}
 
-/// Appends iovecs covering `len` bytes of `segments` starting at `skip` bytes.
-/// Returns the bytes covered, which is less than asked only when IOV_MAX is
-/// reached or a segment no longer maps (memory table changed).
+/// Appends iovecs covering the first `len` bytes of `segments`. Returns the
+/// bytes covered, which is less than asked only when a segment no longer
+/// maps (the memory table changed). Callers enforce IOV_MAX.
 pub fn push_iovecs(
     mem: &GuestMemoryMmap,
     segments: &[Segment],
@@ -120,9 +120,6 @@ pub fn push_iovecs(
             let Ok(slice) = slice else {
                 return covered;
             };
-            if iov.len() == IOV_MAX {
-                return covered;
-            }
             iov.push(libc::iovec {
                 iov_base: slice.ptr_guard_mut().as_ptr().cast(),
                 iov_len: slice.len(),
@@ -203,9 +200,18 @@ mod tests {
 
     fn segs() -> Vec<Segment> {
         vec![
-            Segment { addr: GuestAddress(0x100), len: 4 },
-            Segment { addr: GuestAddress(0x800), len: 3 },
-            Segment { addr: GuestAddress(0x2000), len: 10 },
+            Segment {
+                addr: GuestAddress(0x100),
+                len: 4,
+            },
+            Segment {
+                addr: GuestAddress(0x800),
+                len: 3,
+            },
+            Segment {
+                addr: GuestAddress(0x2000),
+                len: 10,
+            },
         ]
     }
 

@@ -19,7 +19,7 @@ use vm_memory::GuestMemoryMmap;
 
 use super::chain::{collect_segments, Access, ChainError, Segment};
 use super::vnet_hdr::{MAX_FRAME_LEN, NUM_BUFFERS_OFFSET};
-use super::{copy_to_segments, push_iovecs, IovecBuf, QueuePair, BATCH};
+use super::{copy_to_segments, push_iovecs, IovecBuf, QueuePair, BATCH, IOV_MAX};
 use crate::metrics::QueueMetrics;
 use crate::port::tap;
 use crate::timing::{now_ns, PacketView, RxStamps};
@@ -30,6 +30,8 @@ struct HeldChain {
     head: u16,
     len: u32,
     segments: Vec<Segment>,
+    /// How many iovecs of the cache belong to this chain.
+    iov_count: usize,
 }
 
 /// RX state of one queue pair.
@@ -37,7 +39,12 @@ pub struct RxState {
     held: VecDeque<HeldChain>,
     held_bytes: usize,
     spare: Vec<Vec<Segment>>,
+    /// Iovecs of the held chains, in order, starting at `iov_start`: built
+    /// once per chain, not once per frame.
     iov: IovecBuf,
+    iov_start: usize,
+    /// Guest-memory generation the iovecs were resolved under.
+    iov_mem_generation: u64,
     bounce: Vec<u8>,
     /// Length of a frame waiting in `bounce` (0: none).
     pending: usize,
@@ -70,6 +77,8 @@ impl RxState {
             held_bytes: 0,
             spare: Vec::new(),
             iov: IovecBuf::default(),
+            iov_start: 0,
+            iov_mem_generation: 0,
             bounce: Vec::new(),
             pending: 0,
             pending_stamp: 0,
@@ -87,6 +96,29 @@ impl RxState {
             self.spare.push(chain.segments);
         }
         self.held_bytes = 0;
+        self.iov.0.clear();
+        self.iov_start = 0;
+    }
+
+    /// Re-resolves the held chains' iovecs if guest memory was remapped.
+    fn refresh_iovecs(&mut self, mem: &GuestMemoryMmap, mem_generation: u64) {
+        if self.iov_mem_generation == mem_generation {
+            return;
+        }
+        self.iov.0.clear();
+        self.iov_start = 0;
+        for chain in self.held.iter_mut() {
+            let before = self.iov.0.len();
+            push_iovecs(mem, &chain.segments, chain.len as usize, &mut self.iov.0);
+            chain.iov_count = self.iov.0.len() - before;
+        }
+        self.iov_mem_generation = mem_generation;
+    }
+
+    /// The iovecs of the first `chains` held chains.
+    fn held_iovecs(&self, chains: usize) -> &[libc::iovec] {
+        let count: usize = self.held.iter().take(chains).map(|c| c.iov_count).sum();
+        &self.iov.0[self.iov_start..self.iov_start + count]
     }
 
     /// Gives held chains back to the avail ring (the ring is being stopped),
@@ -104,6 +136,14 @@ impl RxState {
     fn recycle_front(&mut self) -> Option<HeldChain> {
         let chain = self.held.pop_front()?;
         self.held_bytes -= chain.len as usize;
+        self.iov_start += chain.iov_count;
+        if self.held.is_empty() {
+            self.iov.0.clear();
+            self.iov_start = 0;
+        } else if self.iov_start >= 256 {
+            self.iov.0.drain(..self.iov_start);
+            self.iov_start = 0;
+        }
         Some(chain)
     }
 
@@ -119,10 +159,13 @@ impl RxState {
             match collect_segments(chain, mem, Access::DeviceWrites, &mut segments) {
                 Ok(len) if len > 0 => {
                     self.held_bytes += len as usize;
+                    let before = self.iov.0.len();
+                    push_iovecs(mem, &segments, len as usize, &mut self.iov.0);
                     self.held.push_back(HeldChain {
                         head,
                         len,
                         segments,
+                        iov_count: self.iov.0.len() - before,
                     });
                 }
                 result => {
@@ -145,7 +188,7 @@ impl RxState {
 impl QueuePair {
     /// Moves frames from the tap into the RX ring until the tap is empty or
     /// the guest runs out of buffers; publishes and notifies once per batch.
-    pub fn process_rx(&mut self, mem: &GuestMemoryMmap) -> RxStop {
+    pub fn process_rx(&mut self, mem: &GuestMemoryMmap, mem_generation: u64) -> RxStop {
         let Some((rx_vring, _)) = self.vrings.clone() else {
             return RxStop::NotRunning;
         };
@@ -153,6 +196,7 @@ impl QueuePair {
         if !state.get_queue().ready() || !state.is_enabled() {
             return RxStop::NotRunning;
         }
+        self.rx.refresh_iovecs(mem, mem_generation);
         let mut published = 0usize;
         let stop = loop {
             if published == BATCH {
@@ -191,14 +235,11 @@ impl QueuePair {
                 continue;
             }
 
-            let (len, host_in) = if self.rx.pending == 0 && capacity >= max_packet {
+            let chains = if mergeable { self.rx.held.len() } else { 1 };
+            let iov = self.rx.held_iovecs(chains);
+            let (len, host_in) = if self.rx.pending == 0 && capacity >= max_packet && iov.len() <= IOV_MAX {
                 // Fast path: read straight into the held guest buffers.
-                let chains = if mergeable { self.rx.held.len() } else { 1 };
-                self.rx.iov.0.clear();
-                for chain in self.rx.held.iter().take(chains) {
-                    push_iovecs(mem, &chain.segments, chain.len as usize, &mut self.rx.iov.0);
-                }
-                match tap::readv(self.tap_fd, &self.rx.iov.0) {
+                match tap::readv(self.tap_fd, iov) {
                     Ok(Some(len)) => (len, self.stamp()),
                     Ok(None) => return Err(RxStop::TapEmpty),
                     Err(e) => {
@@ -232,8 +273,7 @@ impl QueuePair {
                 }
                 let len = self.rx.pending;
                 if len > capacity {
-                    let never_fits = !mergeable
-                        || self.rx.held.len() >= usize::from(queue.size());
+                    let never_fits = !mergeable || self.rx.held.len() >= usize::from(queue.size());
                     if never_fits {
                         QueueMetrics::inc(&m.rx_drop_frame_too_large);
                         self.rx.pending = 0;
@@ -248,7 +288,8 @@ impl QueuePair {
                     if copied == len {
                         break;
                     }
-                    copied += copy_to_segments(mem, &chain.segments, 0, &self.rx.bounce[copied..len]);
+                    copied +=
+                        copy_to_segments(mem, &chain.segments, 0, &self.rx.bounce[copied..len]);
                 }
                 QueueMetrics::inc(&m.rx_bounced);
                 self.rx.pending = 0;
@@ -292,7 +333,12 @@ impl QueuePair {
         }
         if self.negotiated.mergeable {
             if let Some(first) = self.rx.held.front() {
-                copy_to_segments(mem, &first.segments, NUM_BUFFERS_OFFSET, &used.to_le_bytes());
+                copy_to_segments(
+                    mem,
+                    &first.segments,
+                    NUM_BUFFERS_OFFSET,
+                    &used.to_le_bytes(),
+                );
             }
         }
         let hook = self.hook.clone();

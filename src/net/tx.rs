@@ -56,8 +56,17 @@ impl QueuePair {
                 };
                 let head = chain.head_index();
                 let pop = if self.hook.is_some() { now_ns() } else { 0 };
-                let collected = collect_segments(chain, mem, Access::DeviceReads, &mut self.tx.segments);
-                self.transmit(mem, collected, TxStamps { kick, pop, host_out: 0 });
+                let collected =
+                    collect_segments(chain, mem, Access::DeviceReads, &mut self.tx.segments);
+                self.transmit(
+                    mem,
+                    collected,
+                    TxStamps {
+                        kick,
+                        pop,
+                        host_out: 0,
+                    },
+                );
                 if queue.add_used(mem, head, 0).is_err() {
                     QueueMetrics::inc(&self.metrics.bad_head_index);
                 }
@@ -81,7 +90,12 @@ impl QueuePair {
     }
 
     /// Validates one collected chain and writes it to the tap.
-    fn transmit(&mut self, mem: &GuestMemoryMmap, collected: Result<u32, ChainError>, mut stamps: TxStamps) {
+    fn transmit(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        collected: Result<u32, ChainError>,
+        mut stamps: TxStamps,
+    ) {
         let m = self.metrics.clone();
         let hdr_len = self.negotiated.hdr_len;
         let total = match collected {
@@ -106,7 +120,10 @@ impl QueuePair {
         }
         let mut raw = [0u8; HDR_LEN_V1];
         copy_from_segments(mem, &self.tx.segments, 0, &mut raw[..hdr_len]);
-        if let Err(e) = self.negotiated.check_tx_header(&VnetHdr::from_bytes(&raw[..hdr_len])) {
+        if let Err(e) = self
+            .negotiated
+            .check_tx_header(&VnetHdr::from_bytes(&raw[..hdr_len]))
+        {
             log::debug!("queue pair {}: dropping TX frame: {e}", self.index);
             QueueMetrics::inc(&m.tx_drop_bad_gso);
             return;
@@ -115,11 +132,12 @@ impl QueuePair {
         self.tx.iov.0.clear();
         let covered = push_iovecs(mem, &self.tx.segments, total, &mut self.tx.iov.0);
         if covered < total {
-            // More than IOV_MAX pieces (or memory changed under us): linearize.
-            if self.tx.iov.0.len() < IOV_MAX {
-                QueueMetrics::inc(&m.tx_drop_bad_address);
-                return;
-            }
+            // A segment stopped mapping (memory table changed under us).
+            QueueMetrics::inc(&m.tx_drop_bad_address);
+            return;
+        }
+        if self.tx.iov.0.len() > IOV_MAX {
+            // More pieces than one writev takes: linearize.
             self.tx.linear.resize(total, 0);
             let n = copy_from_segments(mem, &self.tx.segments, 0, &mut self.tx.linear);
             self.tx.iov.0.clear();
@@ -151,4 +169,3 @@ impl QueuePair {
         }
     }
 }
-

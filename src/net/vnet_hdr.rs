@@ -96,7 +96,8 @@ impl Negotiated {
             if has(features, VIRTIO_NET_F_GUEST_TSO6) {
                 tap_offloads |= TUN_F_TSO6;
             }
-            if tap_offloads & (TUN_F_TSO4 | TUN_F_TSO6) != 0 && has(features, VIRTIO_NET_F_GUEST_ECN)
+            if tap_offloads & (TUN_F_TSO4 | TUN_F_TSO6) != 0
+                && has(features, VIRTIO_NET_F_GUEST_ECN)
             {
                 tap_offloads |= TUN_F_TSO_ECN;
             }
@@ -268,7 +269,10 @@ mod tests {
         let n = Negotiated::from_features(ALL);
         assert_eq!(n.hdr_len, 12);
         assert!(n.mergeable);
-        assert_eq!(n.tap_offloads, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN);
+        assert_eq!(
+            n.tap_offloads,
+            TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN
+        );
         assert!(n.guest_gso);
         assert_eq!(n.max_rx_packet(1500), 12 + MAX_FRAME_LEN);
     }
@@ -311,12 +315,22 @@ mod tests {
         let plain = VnetHdr::from_bytes(&[0, 0]);
         assert_eq!(full.check_tx_header(&tso4), Ok(()));
         assert_eq!(full.check_tx_header(&tso6_ecn), Ok(()));
-        assert_eq!(full.check_tx_header(&ufo), Err(TxHeaderError::GsoNotNegotiated(GSO_UDP)));
+        assert_eq!(
+            full.check_tx_header(&ufo),
+            Err(TxHeaderError::GsoNotNegotiated(GSO_UDP))
+        );
         assert_eq!(none.check_tx_header(&plain), Ok(()));
-        assert_eq!(none.check_tx_header(&csum), Err(TxHeaderError::CsumNotNegotiated));
-        assert!(none.check_tx_header(&VnetHdr::from_bytes(&[0, GSO_TCPV4])).is_err());
+        assert_eq!(
+            none.check_tx_header(&csum),
+            Err(TxHeaderError::CsumNotNegotiated)
+        );
+        assert!(none
+            .check_tx_header(&VnetHdr::from_bytes(&[0, GSO_TCPV4]))
+            .is_err());
         let no_ecn = Negotiated::from_features(ALL & !(1 << VIRTIO_NET_F_HOST_ECN));
         assert!(no_ecn.check_tx_header(&tso6_ecn).is_err());
-        assert!(full.check_tx_header(&VnetHdr::from_bytes(&[0, 0x7f])).is_err());
+        assert!(full
+            .check_tx_header(&VnetHdr::from_bytes(&[0, 0x7f]))
+            .is_err());
     }
 }

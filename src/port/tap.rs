@@ -33,8 +33,10 @@ pub enum TapError {
     #[error("cannot open {TUN_DEVICE} (is the tun module loaded? are you root or CAP_NET_ADMIN?)")]
     OpenTun(#[source] io::Error),
     /// TUNSETIFF failed.
-    #[error("cannot attach to tap {name:?} (queue {queue}): permission denied needs CAP_NET_ADMIN; \
-             'invalid argument' usually means it exists with other flags (multi-queue or not)")]
+    #[error(
+        "cannot attach to tap {name:?} (queue {queue}): permission denied needs CAP_NET_ADMIN; \
+             'invalid argument' usually means it exists with other flags (multi-queue or not)"
+    )]
     SetIff {
         /// Interface name.
         name: String,
@@ -127,7 +129,9 @@ impl Tap {
     pub fn open(name: &str, queues: usize) -> Result<Tap> {
         if name.is_empty()
             || name.len() > 15
-            || name.bytes().any(|b| b == b'/' || b.is_ascii_whitespace() || b == 0)
+            || name
+                .bytes()
+                .any(|b| b == b'/' || b.is_ascii_whitespace() || b == 0)
         {
             return Err(TapError::InvalidName(name.to_string()));
         }
@@ -283,7 +287,10 @@ mod tests {
     #[test]
     fn rejects_bad_names_before_touching_the_kernel() {
         for bad in ["", "a-name-that-is-too-long", "a/b", "a b"] {
-            assert!(matches!(Tap::open(bad, 1), Err(TapError::InvalidName(_))), "{bad:?}");
+            assert!(
+                matches!(Tap::open(bad, 1), Err(TapError::InvalidName(_))),
+                "{bad:?}"
+            );
         }
     }
 

@@ -21,7 +21,9 @@ use virtio_bindings::virtio_net::{
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 use crate::metrics::QueueMetrics;
 use crate::net::vnet_hdr::Negotiated;
@@ -88,6 +90,8 @@ struct Shared {
     metrics: Vec<Arc<QueueMetrics>>,
     acked_features: AtomicU64,
     generation: AtomicU64,
+    /// Bumped whenever the frontend changes the memory table.
+    mem_generation: AtomicU64,
     mem: RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
 }
 
@@ -107,7 +111,14 @@ impl NetBackend {
             .map(|_| Arc::new(QueueMetrics::default()))
             .collect();
         let pairs = (0..tap.num_queues())
-            .map(|i| Mutex::new(QueuePair::new(i, tap.queue_fd(i), metrics[i].clone(), hook.clone())))
+            .map(|i| {
+                Mutex::new(QueuePair::new(
+                    i,
+                    tap.queue_fd(i),
+                    metrics[i].clone(),
+                    hook.clone(),
+                ))
+            })
             .collect();
         // Only queue pair 0 is in use until the guest enables more.
         for i in 1..tap.num_queues() {
@@ -123,6 +134,7 @@ impl NetBackend {
                 metrics,
                 acked_features: AtomicU64::new(0),
                 generation: AtomicU64::new(0),
+                mem_generation: AtomicU64::new(1),
                 mem: RwLock::new(None),
             }),
             generation: 0,
@@ -147,6 +159,7 @@ impl NetBackend {
     /// A handle for connection `generation`, whose guest memory is `mem`.
     pub fn for_connection(&self, generation: u64, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> Self {
         *self.shared.mem.write().unwrap_or_else(|e| e.into_inner()) = Some(mem);
+        self.shared.mem_generation.fetch_add(1, Ordering::AcqRel);
         self.shared.generation.store(generation, Ordering::Release);
         NetBackend {
             shared: self.shared.clone(),
@@ -211,7 +224,9 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn acked_features(&self, features: u64) {
-        self.shared.acked_features.store(features, Ordering::Relaxed);
+        self.shared
+            .acked_features
+            .store(features, Ordering::Relaxed);
         let negotiated = Negotiated::from_features(features);
         let tap = &self.shared.tap;
         if let Err(e) = tap.set_vnet_hdr_len(negotiated.hdr_len) {
@@ -243,13 +258,16 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
-        // The handler updates the GuestMemoryAtomic we share with it
-        // (set_memory); held RX chains keep guest addresses, not pointers.
+        // The handler updates the GuestMemoryAtomic we share with it; held
+        // RX chains re-resolve their host addresses on the next pass.
+        self.shared.mem_generation.fetch_add(1, Ordering::AcqRel);
         Ok(())
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        (0..self.queue_pairs()).map(|i| 0b11u64 << (2 * i)).collect()
+        (0..self.queue_pairs())
+            .map(|i| 0b11u64 << (2 * i))
+            .collect()
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -304,7 +322,8 @@ impl VhostUserBackend for NetBackend {
         match event {
             DeviceEvent::TxRing => pair.process_tx(&mem),
             DeviceEvent::RxRing | DeviceEvent::Tap => {
-                pair.process_rx(&mem);
+                let mem_generation = self.shared.mem_generation.load(Ordering::Acquire);
+                pair.process_rx(&mem, mem_generation);
             }
         }
         Ok(())

@@ -218,39 +218,48 @@ impl Relay {
             let to = backend.try_clone()?;
             let reply_to = frontend_writer.clone();
             let closer = (frontend.try_clone()?, backend.try_clone()?);
-            threads.push(thread::Builder::new().name("vu-relay-in".into()).spawn(move || {
-                let mut reorder = EnableReorder::default();
-                if let Err(e) = relay_requests(&mut from, &to, &reply_to, &mut reorder) {
-                    debug!("frontend -> backend relay ended: {e}");
-                }
-                let _ = closer.0.shutdown(Shutdown::Both);
-                let _ = closer.1.shutdown(Shutdown::Both);
-            })?);
+            threads.push(
+                thread::Builder::new()
+                    .name("vu-relay-in".into())
+                    .spawn(move || {
+                        let mut reorder = EnableReorder::default();
+                        if let Err(e) = relay_requests(&mut from, &to, &reply_to, &mut reorder) {
+                            debug!("frontend -> backend relay ended: {e}");
+                        }
+                        let _ = closer.0.shutdown(Shutdown::Both);
+                        let _ = closer.1.shutdown(Shutdown::Both);
+                    })?,
+            );
         }
         // Backend -> frontend, verbatim (replies).
         {
             let mut from = backend.try_clone()?;
             let closer = (frontend.try_clone()?, backend.try_clone()?);
-            threads.push(thread::Builder::new().name("vu-relay-out".into()).spawn(move || {
-                loop {
-                    match read_message(&mut from) {
-                        Ok(Some(msg)) => {
-                            let to = frontend_writer.lock().unwrap_or_else(|e| e.into_inner());
-                            if let Err(e) = write_message(&to, &msg) {
-                                debug!("backend -> frontend relay ended: {e}");
-                                break;
+            threads.push(
+                thread::Builder::new()
+                    .name("vu-relay-out".into())
+                    .spawn(move || {
+                        loop {
+                            match read_message(&mut from) {
+                                Ok(Some(msg)) => {
+                                    let to =
+                                        frontend_writer.lock().unwrap_or_else(|e| e.into_inner());
+                                    if let Err(e) = write_message(&to, &msg) {
+                                        debug!("backend -> frontend relay ended: {e}");
+                                        break;
+                                    }
+                                }
+                                Ok(None) => break,
+                                Err(e) => {
+                                    debug!("backend -> frontend relay ended: {e}");
+                                    break;
+                                }
                             }
                         }
-                        Ok(None) => break,
-                        Err(e) => {
-                            debug!("backend -> frontend relay ended: {e}");
-                            break;
-                        }
-                    }
-                }
-                let _ = closer.0.shutdown(Shutdown::Both);
-                let _ = closer.1.shutdown(Shutdown::Both);
-            })?);
+                        let _ = closer.0.shutdown(Shutdown::Both);
+                        let _ = closer.1.shutdown(Shutdown::Both);
+                    })?,
+            );
         }
         Ok(Relay {
             frontend,
@@ -284,7 +293,9 @@ fn relay_requests(
             Action::Forward => write_message(to, &msg)?,
             Action::ForwardThenEnable(rings) => {
                 write_message(to, &msg)?;
-                info!("frontend enabled rings before SET_FEATURES (QEMU <= 7.2); replaying {rings:?}");
+                info!(
+                    "frontend enabled rings before SET_FEATURES (QEMU <= 7.2); replaying {rings:?}"
+                );
                 for (index, num) in rings {
                     let mut payload = index.to_le_bytes().to_vec();
                     payload.extend_from_slice(&num.to_le_bytes());
@@ -324,22 +335,37 @@ mod tests {
     #[test]
     fn early_enables_are_deferred_and_replayed_after_set_features() {
         let mut r = EnableReorder::default();
-        assert_eq!(r.on_frontend_message(&enable(0, 1, 1)), Action::Defer { reply: false });
-        assert_eq!(r.on_frontend_message(&enable(1, 0, 1)), Action::Defer { reply: false });
-        assert_eq!(r.on_frontend_message(&enable(1, 1, 9)), Action::Defer { reply: true });
+        assert_eq!(
+            r.on_frontend_message(&enable(0, 1, 1)),
+            Action::Defer { reply: false }
+        );
+        assert_eq!(
+            r.on_frontend_message(&enable(1, 0, 1)),
+            Action::Defer { reply: false }
+        );
+        assert_eq!(
+            r.on_frontend_message(&enable(1, 1, 9)),
+            Action::Defer { reply: true }
+        );
         assert_eq!(
             r.on_frontend_message(&features(PROTOCOL_FEATURES_BIT | 1)),
             Action::ForwardThenEnable(vec![(0, 1), (1, 1)])
         );
         // After SET_FEATURES everything passes through.
         assert_eq!(r.on_frontend_message(&enable(0, 0, 1)), Action::Forward);
-        assert_eq!(r.on_frontend_message(&features(PROTOCOL_FEATURES_BIT)), Action::Forward);
+        assert_eq!(
+            r.on_frontend_message(&features(PROTOCOL_FEATURES_BIT)),
+            Action::Forward
+        );
     }
 
     #[test]
     fn spec_order_passes_through_untouched() {
         let mut r = EnableReorder::default();
-        assert_eq!(r.on_frontend_message(&features(PROTOCOL_FEATURES_BIT)), Action::Forward);
+        assert_eq!(
+            r.on_frontend_message(&features(PROTOCOL_FEATURES_BIT)),
+            Action::Forward
+        );
         assert_eq!(r.on_frontend_message(&enable(0, 1, 1)), Action::Forward);
     }
 
@@ -352,7 +378,10 @@ mod tests {
         let mut r = EnableReorder::default();
         r.on_frontend_message(&features(PROTOCOL_FEATURES_BIT));
         r.on_frontend_message(&Message::new(RESET_OWNER, FLAG_VERSION, vec![]));
-        assert_eq!(r.on_frontend_message(&enable(0, 1, 1)), Action::Defer { reply: false });
+        assert_eq!(
+            r.on_frontend_message(&enable(0, 1, 1)),
+            Action::Defer { reply: false }
+        );
     }
 
     #[test]
@@ -366,7 +395,11 @@ mod tests {
     fn messages_and_descriptors_cross_a_socket_intact() {
         let (mut a, mut b) = UnixStream::pair().unwrap();
         let file = std::fs::File::open("/dev/null").unwrap();
-        let mut msg = Message::new(SET_FEATURES, FLAG_VERSION | FLAG_NEED_REPLY, vec![1, 2, 3, 4, 5, 6, 7, 8]);
+        let mut msg = Message::new(
+            SET_FEATURES,
+            FLAG_VERSION | FLAG_NEED_REPLY,
+            vec![1, 2, 3, 4, 5, 6, 7, 8],
+        );
         msg.fds.push(OwnedFd::from(file));
         write_message(&a, &msg).unwrap();
         let got = read_message(&mut b).unwrap().unwrap();

@@ -1197,10 +1197,11 @@ impl TestFrontend {
             let vq = self.txq(pair);
             let (id, _) = vq.wait_used(left).context("flush_tx")?;
             let chain = vq.take(id)?;
-            if chain.hostile {
+            let hostile = chain.hostile;
+            vq.release(chain);
+            if hostile {
                 self.hostile_returned += 1;
             }
-            vq.release(chain);
         }
     }
 }
