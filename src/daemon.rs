@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use log::{info, warn};
+use vhost::vhost_user::Error as VhostUserError;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -87,7 +88,15 @@ fn serve_connection(backend: &NetBackend, frontend: UnixStream, generation: u64)
     }
     relay.join();
     backend.reset_connection();
-    result.map_err(|e| anyhow::anyhow!("{e}"))
+    match result {
+        Ok(())
+        | Err(vhost_user_backend::Error::HandleRequest(
+            VhostUserError::Disconnected
+            | VhostUserError::PartialMessage
+            | VhostUserError::SocketBroken(_),
+        )) => Ok(()),
+        Err(e) => Err(anyhow::anyhow!("{e}")),
+    }
 }
 
 /// Hands the vhost-user request handler its end of the relay: it connects to

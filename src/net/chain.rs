@@ -94,7 +94,7 @@ mod tests {
     use super::*;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
-    use virtio_queue::{QueueOwnedT, QueueT};
+    use virtio_queue::QueueOwnedT;
     use vm_memory::{Bytes, GuestMemoryMmap};
 
     const WRITE: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;

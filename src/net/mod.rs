@@ -190,7 +190,10 @@ pub fn copy_from_segments(
 }
 
 #[cfg(test)]
-mod tests {
+mod tests;
+
+#[cfg(test)]
+mod helper_tests {
     use super::*;
     use vm_memory::GuestAddress;
 

@@ -237,32 +237,11 @@ impl QueuePair {
 
             let chains = if mergeable { self.rx.held.len() } else { 1 };
             let iov = self.rx.held_iovecs(chains);
-            let (len, host_in) = if self.rx.pending == 0 && capacity >= max_packet && iov.len() <= IOV_MAX {
-                // Fast path: read straight into the held guest buffers.
-                match tap::readv(self.tap_fd, iov) {
-                    Ok(Some(len)) => (len, self.stamp()),
-                    Ok(None) => return Err(RxStop::TapEmpty),
-                    Err(e) => {
-                        QueueMetrics::inc(&m.rx_tap_read_errors);
-                        warn!("queue pair {}: tap read failed: {e}", self.index);
-                        return Err(RxStop::TapEmpty);
-                    }
-                }
-            } else {
-                // Slow path: the buffers posted so far might not hold the frame.
-                if self.rx.pending == 0 {
-                    if self.rx.bounce.len() < hdr_len + MAX_FRAME_LEN {
-                        self.rx.bounce.resize(hdr_len + MAX_FRAME_LEN, 0);
-                    }
-                    let iov = [libc::iovec {
-                        iov_base: self.rx.bounce.as_mut_ptr().cast(),
-                        iov_len: self.rx.bounce.len(),
-                    }];
-                    match tap::readv(self.tap_fd, &iov) {
-                        Ok(Some(len)) => {
-                            self.rx.pending = len;
-                            self.rx.pending_stamp = self.stamp();
-                        }
+            let (len, host_in) =
+                if self.rx.pending == 0 && capacity >= max_packet && iov.len() <= IOV_MAX {
+                    // Fast path: read straight into the held guest buffers.
+                    match tap::readv(self.tap_fd, iov) {
+                        Ok(Some(len)) => (len, self.stamp()),
                         Ok(None) => return Err(RxStop::TapEmpty),
                         Err(e) => {
                             QueueMetrics::inc(&m.rx_tap_read_errors);
@@ -270,31 +249,54 @@ impl QueuePair {
                             return Err(RxStop::TapEmpty);
                         }
                     }
-                }
-                let len = self.rx.pending;
-                if len > capacity {
-                    let never_fits = !mergeable || self.rx.held.len() >= usize::from(queue.size());
-                    if never_fits {
-                        QueueMetrics::inc(&m.rx_drop_frame_too_large);
-                        self.rx.pending = 0;
+                } else {
+                    // Slow path: the buffers posted so far might not hold the frame.
+                    if self.rx.pending == 0 {
+                        if self.rx.bounce.len() < hdr_len + MAX_FRAME_LEN {
+                            self.rx.bounce.resize(hdr_len + MAX_FRAME_LEN, 0);
+                        }
+                        let iov = [libc::iovec {
+                            iov_base: self.rx.bounce.as_mut_ptr().cast(),
+                            iov_len: self.rx.bounce.len(),
+                        }];
+                        match tap::readv(self.tap_fd, &iov) {
+                            Ok(Some(len)) => {
+                                self.rx.pending = len;
+                                self.rx.pending_stamp = self.stamp();
+                            }
+                            Ok(None) => return Err(RxStop::TapEmpty),
+                            Err(e) => {
+                                QueueMetrics::inc(&m.rx_tap_read_errors);
+                                warn!("queue pair {}: tap read failed: {e}", self.index);
+                                return Err(RxStop::TapEmpty);
+                            }
+                        }
+                    }
+                    let len = self.rx.pending;
+                    if len > capacity {
+                        let never_fits =
+                            !mergeable || self.rx.held.len() >= usize::from(queue.size());
+                        if never_fits {
+                            QueueMetrics::inc(&m.rx_drop_frame_too_large);
+                            self.rx.pending = 0;
+                            continue;
+                        }
+                        QueueMetrics::inc(&m.rx_no_buffer);
+                        self.wait_for_buffers(queue, mem)?;
                         continue;
                     }
-                    QueueMetrics::inc(&m.rx_no_buffer);
-                    self.wait_for_buffers(queue, mem)?;
-                    continue;
-                }
-                let mut copied = 0;
-                for chain in self.rx.held.iter() {
-                    if copied == len {
-                        break;
+                    let mut copied = 0;
+                    for chain in self.rx.held.iter() {
+                        if copied == len {
+                            break;
+                        }
+                        copied +=
+                            copy_to_segments(mem, &chain.segments, 0, &self.rx.bounce[copied..len]);
                     }
-                    copied +=
-                        copy_to_segments(mem, &chain.segments, 0, &self.rx.bounce[copied..len]);
-                }
-                QueueMetrics::inc(&m.rx_bounced);
-                self.rx.pending = 0;
-                (len, self.rx.pending_stamp)
-            };
+                    QueueMetrics::inc(&m.rx_bounced);
+                    self.rx.pending = 0;
+                    (len, self.rx.pending_stamp)
+                };
 
             if len < hdr_len {
                 // The tap always prepends a full header; anything shorter is
