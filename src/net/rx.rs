@@ -149,7 +149,16 @@ impl RxState {
 
     /// Pops and validates chains until `want` bytes are held or the avail
     /// ring is empty. Invalid chains are returned with length 0 and counted.
-    fn refill(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap, want: usize, m: &QueueMetrics) {
+    /// Every held chain can start a packet, so each must hold the whole
+    /// virtio-net header (virtio 1.x 5.1.6.3.1); shorter ones are refused.
+    fn refill(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+        want: usize,
+        hdr_len: usize,
+        m: &QueueMetrics,
+    ) {
         while self.held_bytes < want {
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
                 return;
@@ -157,7 +166,7 @@ impl RxState {
             let head = chain.head_index();
             let mut segments = self.spare.pop().unwrap_or_default();
             match collect_segments(chain, mem, Access::DeviceWrites, &mut segments) {
-                Ok(len) if len > 0 => {
+                Ok(len) if len as usize >= hdr_len => {
                     self.held_bytes += len as usize;
                     let before = self.iov.0.len();
                     push_iovecs(mem, &segments, len as usize, &mut self.iov.0);
@@ -223,7 +232,7 @@ impl QueuePair {
         let m = self.metrics.clone();
         loop {
             let want = if mergeable { max_packet } else { 1 };
-            self.rx.refill(queue, mem, want, &m);
+            self.rx.refill(queue, mem, want, hdr_len, &m);
             let capacity = if mergeable {
                 self.rx.held_bytes
             } else {
@@ -333,7 +342,9 @@ impl QueuePair {
                 break;
             }
         }
-        if self.negotiated.mergeable {
+        // The tap leaves num_buffers alone; virtio 1.x wants it set (1 without
+        // MRG_RXBUF) whenever the header has the field.
+        if hdr_len > NUM_BUFFERS_OFFSET {
             if let Some(first) = self.rx.held.front() {
                 copy_to_segments(
                     mem,

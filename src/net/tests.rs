@@ -377,7 +377,29 @@ fn rx_non_mergeable_drops_frames_larger_than_one_buffer() {
     assert_eq!(h.counter("rx_drop_frame_too_large"), 1);
     let used = h.rx.take_used();
     assert_eq!(used.len(), 1);
-    assert_eq!(h.read(0x10_0000, 512), p);
+    let got = h.read(0x10_0000, 512);
+    // num_buffers is 1 without MRG_RXBUF (virtio 1.x).
+    assert_eq!(&got[10..12], &[1, 0]);
+    assert_eq!(&got[12..], &p[12..]);
+}
+
+#[test]
+fn rx_buffers_shorter_than_the_header_are_refused() {
+    for features in [V1, V1 | MRG] {
+        let mut h = Harness::new(features);
+        h.rx.post(&[(0x10_0000, 6, WRITE)]);
+        for i in 0..8 {
+            h.rx.post(&[(0x20_0000 + i * 0x1000, 2048, WRITE)]);
+        }
+        let p = packet(100, 3);
+        h.send_from_network(&p);
+        h.process_rx();
+        let used = h.rx.take_used();
+        assert_eq!(used[0], (0, 0));
+        assert_eq!(used.len(), 2);
+        assert_eq!(h.counter("rx_drop_bad_chain"), 1);
+        assert_eq!(&h.read(0x20_0000 + 12, 100), &p[12..]);
+    }
 }
 
 #[test]
