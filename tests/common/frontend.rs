@@ -400,7 +400,14 @@ impl Vq {
 
     /// Writes descriptor-table entry `id` verbatim.
     pub fn write_desc(&self, id: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        write_desc_at(&self.mem, self.desc_gpa + 16 * id as u64, addr, len, flags, next)
+        write_desc_at(
+            &self.mem,
+            self.desc_gpa + 16 * id as u64,
+            addr,
+            len,
+            flags,
+            next,
+        )
     }
 
     /// Makes `head` available (without notifying) and records its chain.
@@ -448,7 +455,9 @@ impl Vq {
     }
 
     pub fn used_idx(&self) -> u16 {
-        self.mem.atomic_u16(self.used_gpa + 2).load(Ordering::Acquire)
+        self.mem
+            .atomic_u16(self.used_gpa + 2)
+            .load(Ordering::Acquire)
     }
 
     /// Pops one used element (id, len), if any.
@@ -520,7 +529,10 @@ impl Vq {
             .filter(|h| *h < self.size)
             .ok_or_else(|| anyhow!("queue {}: device returned bogus id {id}", self.index))?;
         let chain = self.inflight.remove(&head).ok_or_else(|| {
-            anyhow!("queue {}: device returned id {id} that is not in flight", self.index)
+            anyhow!(
+                "queue {}: device returned id {id} that is not in flight",
+                self.index
+            )
         })?;
         self.free.extend_from_slice(&chain.descs);
         Ok(chain)
@@ -866,9 +878,7 @@ impl TestFrontend {
         self.ask_replies(true);
         let r = (|| -> Result<()> {
             let vq = &self.vqs[i];
-            self.fe
-                .set_vring_num(i, vq.size)
-                .context("SET_VRING_NUM")?;
+            self.fe.set_vring_num(i, vq.size).context("SET_VRING_NUM")?;
             if qemu {
                 self.fe.set_vring_base(i, 0).context("SET_VRING_BASE")?;
                 self.fe
@@ -998,7 +1008,12 @@ impl TestFrontend {
     }
 
     /// SET_VRING_ENABLE as a raw message (allowed before SET_FEATURES).
-    pub fn raw_set_vring_enable(&mut self, ring: u32, enable: bool, need_reply: bool) -> Result<()> {
+    pub fn raw_set_vring_enable(
+        &mut self,
+        ring: u32,
+        enable: bool,
+        need_reply: bool,
+    ) -> Result<()> {
         self.log(format!("SET_VRING_ENABLE {ring} {} (raw)", enable as u32));
         let mut body = Vec::new();
         body.extend_from_slice(&ring.to_le_bytes());
@@ -1033,7 +1048,13 @@ impl TestFrontend {
 
     /// Posts RX buffers with `layout` (segment sizes) until `count` are posted
     /// or the ring is full; remembers the layout for refills. Notifies.
-    pub fn post_rx(&mut self, pair: usize, layout: &[u32], indirect: bool, count: usize) -> Result<usize> {
+    pub fn post_rx(
+        &mut self,
+        pair: usize,
+        layout: &[u32],
+        indirect: bool,
+        count: usize,
+    ) -> Result<usize> {
         let vq = self.rxq(pair);
         vq.rx_layout = Some((layout.to_vec(), indirect));
         let need = if indirect { 1 } else { layout.len() };
@@ -1071,6 +1092,10 @@ impl TestFrontend {
             let (id, len) = vq.wait_used(timeout)?;
             let chain = vq.take(id)?;
             if chain.hostile {
+                eprintln!(
+                    "frontend: RX ring {} returned hostile chain {id} with used len {len}",
+                    vq.index
+                );
                 vq.release(chain);
                 self.hostile_returned += 1;
                 continue;
@@ -1095,9 +1120,9 @@ impl TestFrontend {
                 bail!("RX num_buffers is 0");
             }
             while buffers < num as usize {
-                let (_, more) = self
-                    .next_rx_buffer(pair, timeout)
-                    .with_context(|| format!("buffer {} of {num} of a merged packet", buffers + 1))?;
+                let (_, more) = self.next_rx_buffer(pair, timeout).with_context(|| {
+                    format!("buffer {} of {num} of a merged packet", buffers + 1)
+                })?;
                 data.extend_from_slice(&more);
                 buffers += 1;
             }
@@ -1116,7 +1141,9 @@ impl TestFrontend {
         let mut n = 0;
         loop {
             let vq = &mut self.vqs[2 * pair + 1];
-            let Some((id, len)) = vq.poll_used() else { break };
+            let Some((id, len)) = vq.poll_used() else {
+                break;
+            };
             let _ = len;
             let chain = vq.take(id)?;
             if chain.hostile {
@@ -1178,7 +1205,14 @@ impl TestFrontend {
 
     /// Sends a plain frame with an all-zero header in one segment.
     pub fn send_frame(&mut self, pair: usize, frame: &[u8]) -> Result<u16> {
-        self.send(pair, &[0u8; NET_HDR_LEN], frame, &[], false, Duration::from_secs(10))
+        self.send(
+            pair,
+            &[0u8; NET_HDR_LEN],
+            frame,
+            &[],
+            false,
+            Duration::from_secs(10),
+        )
     }
 
     /// Waits until every well-formed TX chain came back.
@@ -1186,7 +1220,12 @@ impl TestFrontend {
         let deadline = Instant::now() + timeout;
         loop {
             self.reap_tx(pair)?;
-            let pending = self.txq(pair).inflight.values().filter(|c| !c.hostile).count();
+            let pending = self
+                .txq(pair)
+                .inflight
+                .values()
+                .filter(|c| !c.hostile)
+                .count();
             if pending == 0 {
                 return Ok(());
             }
@@ -1277,7 +1316,10 @@ impl PacketPort {
                 )
             };
             if r != 0 {
-                bail!("bind AF_PACKET to {name}: {}", std::io::Error::last_os_error());
+                bail!(
+                    "bind AF_PACKET to {name}: {}",
+                    std::io::Error::last_os_error()
+                );
             }
             Ok(fd)
         })
