@@ -44,6 +44,8 @@ pub const GUEST_MAC: &str = "52:54:00:77:00:02";
 pub const HOST_MAC: &str = "02:77:00:00:00:01";
 
 const READY: &str = "VSNOOP-GUEST-READY";
+/// The guest shell's PS1 (set by the guest's /init).
+const PROMPT: &str = "guest# ";
 
 /// Directory holding the guest image.
 pub fn guest_dir() -> PathBuf {
@@ -103,7 +105,13 @@ pub fn lock() -> GuestLock {
         .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
     // SAFETY: flock on a file descriptor we own; no memory is involved.
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
-    assert_eq!(rc, 0, "flock {}: {}", path.display(), io::Error::last_os_error());
+    assert_eq!(
+        rc,
+        0,
+        "flock {}: {}",
+        path.display(),
+        io::Error::last_os_error()
+    );
     GuestLock { _file: file }
 }
 
@@ -204,7 +212,10 @@ impl GuestConfig {
             }
         }
         // vectors=0: legacy INTx; MSI-X + vhost-user crashes QEMU 7.2 under TCG.
-        let mut device = format!("virtio-net-pci,netdev=n0,vectors=0,mrg_rxbuf=on,mac={}", self.mac);
+        let mut device = format!(
+            "virtio-net-pci,netdev=n0,vectors=0,mrg_rxbuf=on,mac={}",
+            self.mac
+        );
         if !self.device_opts.is_empty() {
             device.push(',');
             device.push_str(self.device_opts.trim_start_matches(','));
@@ -350,13 +361,21 @@ impl Guest {
                 panic!("guest kernel panic\n{}", self.diagnostics());
             }
             if Instant::now() > deadline {
-                panic!("guest did not boot within {timeout:?}\n{}", self.diagnostics());
+                panic!(
+                    "guest did not boot within {timeout:?}\n{}",
+                    self.diagnostics()
+                );
             }
             thread::sleep(Duration::from_millis(50));
         }
-        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(20));
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(20));
         let (code, out) = self.run("echo shell-ok", left);
-        assert!(code == 0 && out.contains("shell-ok"), "guest shell not answering: {out}");
+        assert!(
+            code == 0 && out.contains("shell-ok"),
+            "guest shell not answering: {out}"
+        );
         self.started.elapsed()
     }
 
@@ -373,7 +392,10 @@ impl Guest {
     pub fn run_ok(&mut self, cmd: &str, timeout: Duration) -> String {
         let (code, out) = self.run(cmd, timeout);
         if code != 0 {
-            panic!("guest command {cmd:?} exited {code}:\n{out}\n{}", self.diagnostics());
+            panic!(
+                "guest command {cmd:?} exited {code}:\n{out}\n{}",
+                self.diagnostics()
+            );
         }
         out
     }
@@ -410,7 +432,10 @@ impl Guest {
                     self.cursor += consumed;
                     return Ok((code, output));
                 }
-                return Err(format!("QEMU exited while running the command: {}", describe_exit(st)));
+                return Err(format!(
+                    "QEMU exited while running the command: {}",
+                    describe_exit(st)
+                ));
             }
             if Instant::now() > deadline {
                 return Err(format!("no answer within {timeout:?}"));
@@ -428,7 +453,10 @@ impl Guest {
         let body_start = b + find_bytes(&raw[b..], b"\n")? + 1;
         let e = body_start + find_bytes(&raw[body_start..], end.as_bytes())?;
         let digits_start = e + end.len();
-        let digits = raw[digits_start..].iter().take_while(|c| c.is_ascii_digit()).count();
+        let digits = raw[digits_start..]
+            .iter()
+            .take_while(|c| c.is_ascii_digit())
+            .count();
         // Need the byte after the digits too, so the number is complete.
         if digits == 0 || raw.len() <= digits_start + digits {
             return None;
@@ -437,7 +465,12 @@ impl Guest {
             .ok()?
             .parse()
             .unwrap_or(-1);
-        let output = String::from_utf8_lossy(&raw[body_start..e]).replace('\r', "");
+        let mut output = String::from_utf8_lossy(&raw[body_start..e]).replace('\r', "");
+        // The shell prompts before reading the `echo END` line, right after the
+        // command's own output.
+        if output.ends_with(PROMPT) {
+            output.truncate(output.len() - PROMPT.len());
+        }
         Some((code, output, digits_start + digits))
     }
 
@@ -565,7 +598,13 @@ pub fn find_sha256(text: &str) -> Option<String> {
 /// `nc -l` into /tmp, then `wc -c` and `sha256sum`). Completion is detected on
 /// both sides: the host writes everything and half-closes, the guest `nc` exits
 /// on EOF and the guest reports the byte count and the hash.
-pub fn send_to_guest(ns: &Netns, guest: &mut Guest, port: u16, size: usize, timeout: Duration) -> Transfer {
+pub fn send_to_guest(
+    ns: &Netns,
+    guest: &mut Guest,
+    port: u16,
+    size: usize,
+    timeout: Duration,
+) -> Transfer {
     let mut data = vec![0u8; size];
     rand::thread_rng().fill_bytes(&mut data);
     let sender_sha256 = sha256_hex(&data);
@@ -576,19 +615,22 @@ pub fn send_to_guest(ns: &Netns, guest: &mut Guest, port: u16, size: usize, time
         let mut stream = loop {
             match TcpStream::connect_timeout(&addr, Duration::from_secs(3)) {
                 Ok(s) => break s,
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
+                Err(_) if Instant::now() < deadline => {
                     thread::sleep(Duration::from_millis(200));
                 }
                 Err(e) => return Err(format!("connect {addr}: {e}")),
             }
         };
         let start = Instant::now();
-        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(1));
         stream.set_write_timeout(Some(left)).ok();
         stream.set_read_timeout(Some(left)).ok();
         stream.write_all(&data).map_err(|e| format!("send: {e}"))?;
-        stream.shutdown(Shutdown::Write).map_err(|e| format!("shutdown: {e}"))?;
+        stream
+            .shutdown(Shutdown::Write)
+            .map_err(|e| format!("shutdown: {e}"))?;
         // Wait for the guest to close its side (its nc exits after our EOF).
         let mut sink = [0u8; 1024];
         loop {
@@ -609,8 +651,15 @@ pub fn send_to_guest(ns: &Netns, guest: &mut Guest, port: u16, size: usize, time
     );
     let elapsed = match sender.join() {
         Ok(Ok(d)) => d,
-        Ok(Err(e)) => panic!("host->guest transfer failed: {e}\nguest said: {}\n{}", out.1, guest.diagnostics()),
-        Err(_) => panic!("host->guest sender thread panicked\n{}", guest.diagnostics()),
+        Ok(Err(e)) => panic!(
+            "host->guest transfer failed: {e}\nguest said: {}\n{}",
+            out.1,
+            guest.diagnostics()
+        ),
+        Err(_) => panic!(
+            "host->guest sender thread panicked\n{}",
+            guest.diagnostics()
+        ),
     };
     let bytes: usize = out
         .1
@@ -620,7 +669,12 @@ pub fn send_to_guest(ns: &Netns, guest: &mut Guest, port: u16, size: usize, time
         .unwrap_or_else(|| panic!("no byte count from the guest: {}", out.1));
     let receiver_sha256 =
         find_sha256(&out.1).unwrap_or_else(|| panic!("no sha256 from the guest: {}", out.1));
-    Transfer { bytes, sender_sha256, receiver_sha256, elapsed }
+    Transfer {
+        bytes,
+        sender_sha256,
+        receiver_sha256,
+        elapsed,
+    }
 }
 
 /// Has the guest send `size` bytes of /dev/urandom to a listener in the
@@ -659,7 +713,9 @@ pub fn receive_from_guest(
         };
         let start = Instant::now();
         stream.set_nonblocking(false).map_err(|e| e.to_string())?;
-        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(1));
         stream.set_read_timeout(Some(left)).ok();
         let mut hasher = Sha256::new();
         let mut total = 0usize;
@@ -685,16 +741,27 @@ pub fn receive_from_guest(
     match receiver.join() {
         Ok(Ok((bytes, receiver_sha256, elapsed))) => {
             assert_eq!(code, 0, "guest nc: {out}");
-            Transfer { bytes, sender_sha256, receiver_sha256, elapsed }
+            Transfer {
+                bytes,
+                sender_sha256,
+                receiver_sha256,
+                elapsed,
+            }
         }
-        Ok(Err(e)) => panic!("guest->host transfer failed: {e}\nguest said: {out}\n{}", guest.diagnostics()),
-        Err(_) => panic!("guest->host receiver thread panicked\n{}", guest.diagnostics()),
+        Ok(Err(e)) => panic!(
+            "guest->host transfer failed: {e}\nguest said: {out}\n{}",
+            guest.diagnostics()
+        ),
+        Err(_) => panic!(
+            "guest->host receiver thread panicked\n{}",
+            guest.diagnostics()
+        ),
     }
 }
 
 /// Receiver throughput in Mbit/s from `iperf3 -f m` text output.
 pub fn iperf_mbits(output: &str) -> Option<f64> {
-    let line = output.lines().filter(|l| l.contains("receiver")).last()?;
+    let line = output.lines().rfind(|l| l.contains("receiver"))?;
     let toks: Vec<&str> = line.split_whitespace().collect();
     let i = toks.iter().position(|t| *t == "Mbits/sec")?;
     toks.get(i.checked_sub(1)?)?.parse().ok()
@@ -705,14 +772,25 @@ pub fn iperf_mbits(output: &str) -> Option<f64> {
 pub fn ping_rtt_ms(output: &str) -> Option<(f64, f64, f64)> {
     let line = output.lines().find(|l| l.contains("min/avg/max"))?;
     let nums = line.split('=').nth(1)?.trim();
-    let mut it = nums.split_whitespace().next()?.split('/').map(|v| v.parse::<f64>());
+    let mut it = nums
+        .split_whitespace()
+        .next()?
+        .split('/')
+        .map(|v| v.parse::<f64>());
     Some((it.next()?.ok()?, it.next()?.ok()?, it.next()?.ok()?))
 }
 
 /// Gives the tap in `ns` the host address and fixed MAC and brings it up.
 pub fn configure_host_tap(ns: &Netns, tap: &str) {
     ns.exec(&["ip", "link", "set", tap, "address", HOST_MAC]);
-    ns.exec(&["ip", "addr", "replace", &format!("{HOST_IP}/24"), "dev", tap]);
+    ns.exec(&[
+        "ip",
+        "addr",
+        "replace",
+        &format!("{HOST_IP}/24"),
+        "dev",
+        tap,
+    ]);
     ns.exec(&["ip", "link", "set", tap, "up"]);
 }
 
@@ -725,6 +803,9 @@ pub fn wait_ping_guest(ns: &Netns, timeout: Duration) -> Duration {
         if ok {
             return start.elapsed();
         }
-        assert!(start.elapsed() < timeout, "guest {GUEST_IP} never answered a ping within {timeout:?}");
+        assert!(
+            start.elapsed() < timeout,
+            "guest {GUEST_IP} never answered a ping within {timeout:?}"
+        );
     }
 }

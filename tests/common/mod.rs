@@ -33,7 +33,10 @@ pub fn require_tool(tool: &str) {
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
-    assert!(found, "required tool `{tool}` is missing: run .ci/run (or install it)");
+    assert!(
+        found,
+        "required tool `{tool}` is missing: run .ci/run (or install it)"
+    );
 }
 
 /// A private network namespace, removed on drop.
@@ -79,7 +82,11 @@ impl Netns {
     pub fn wait_for_link(&self, ifname: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while !self.try_exec(&["ip", "link", "show", ifname]).0 {
-            assert!(Instant::now() < deadline, "{ifname} did not appear in {}", self.name);
+            assert!(
+                Instant::now() < deadline,
+                "{ifname} did not appear in {}",
+                self.name
+            );
             thread::sleep(Duration::from_millis(50));
         }
     }
@@ -95,7 +102,9 @@ impl Drop for Netns {
 }
 
 fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed: {}{}",
@@ -141,12 +150,18 @@ impl Vsnoop {
         let child = ns
             .command(env!("CARGO_BIN_EXE_vsnoop"))
             .args(args)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(logfile)
             .spawn()
             .expect("spawn vsnoop");
-        Vsnoop { child, log: log.to_path_buf() }
+        Vsnoop {
+            child,
+            log: log.to_path_buf(),
+        }
     }
 
     pub fn log_text(&self) -> String {
@@ -227,9 +242,13 @@ pub fn parse_stats(text: &str) -> HashMap<String, u64> {
     let start = text.rfind("vsnoop-stats-begin").unwrap_or(0);
     let mut sums = HashMap::new();
     for line in text[start..].lines() {
-        let Some(pos) = line.find("vsnoop-stats ") else { continue };
+        let Some(pos) = line.find("vsnoop-stats ") else {
+            continue;
+        };
         for field in line[pos + "vsnoop-stats ".len()..].split_whitespace() {
-            let Some((key, value)) = field.split_once('=') else { continue };
+            let Some((key, value)) = field.split_once('=') else {
+                continue;
+            };
             if key == "queue" {
                 continue;
             }
