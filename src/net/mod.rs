@@ -9,6 +9,7 @@
 pub mod chain;
 pub mod rx;
 pub mod tx;
+pub mod used;
 pub mod vnet_hdr;
 
 use std::os::fd::RawFd;
@@ -43,8 +44,6 @@ pub struct QueuePair {
     pub metrics: Arc<QueueMetrics>,
     /// What the driver negotiated.
     pub negotiated: Negotiated,
-    /// Tap MTU when the features were negotiated.
-    pub mtu: usize,
     /// The rings of the current connection (set on the first event).
     pub vrings: Option<(Vring, Vring)>,
     /// The connection `vrings` belong to.
@@ -72,7 +71,6 @@ impl QueuePair {
             tap_fd,
             metrics,
             negotiated: Negotiated::from_features(0),
-            mtu: 1500,
             vrings: None,
             vrings_generation: 0,
             rx: RxState::new(),
@@ -86,6 +84,8 @@ impl QueuePair {
     pub fn reset_connection(&mut self) {
         self.vrings = None;
         self.rx.forget_held_chains();
+        self.rx.used.reset();
+        self.tx.used.reset();
     }
 }
 

@@ -18,6 +18,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::chain::{collect_segments, Access, ChainError, Segment};
+use super::used::UsedRing;
 use super::vnet_hdr::{MAX_FRAME_LEN, NUM_BUFFERS_OFFSET};
 use super::{copy_to_segments, push_iovecs, IovecBuf, QueuePair, BATCH, IOV_MAX};
 use crate::metrics::QueueMetrics;
@@ -50,6 +51,10 @@ pub struct RxState {
     pending: usize,
     /// `host_in` timestamp of the pending frame.
     pending_stamp: u64,
+    /// Used-ring publication and notification state.
+    pub used: UsedRing,
+    /// Used entries of the packet being published (reused).
+    entries: Vec<(u16, u32)>,
 }
 
 impl Default for RxState {
@@ -82,6 +87,8 @@ impl RxState {
             bounce: Vec::new(),
             pending: 0,
             pending_stamp: 0,
+            used: UsedRing::default(),
+            entries: Vec::new(),
         }
     }
 
@@ -185,7 +192,7 @@ impl RxState {
                     };
                     QueueMetrics::inc(counter);
                     self.spare.push(segments);
-                    if queue.add_used(mem, head, 0).is_err() {
+                    if self.used.publish(queue, mem, &[(head, 0)]).is_err() {
                         QueueMetrics::inc(&m.bad_head_index);
                     }
                 }
@@ -209,7 +216,7 @@ impl QueuePair {
         let mut published = 0usize;
         let stop = loop {
             if published == BATCH {
-                notify_guest(&mut state, mem);
+                notify_guest(&mut self.rx.used, &mut state, mem);
                 published = 0;
             }
             match self.receive_one(state.get_queue_mut(), mem) {
@@ -218,7 +225,7 @@ impl QueuePair {
             }
         };
         if published > 0 {
-            notify_guest(&mut state, mem);
+            notify_guest(&mut self.rx.used, &mut state, mem);
         }
         stop
     }
@@ -228,7 +235,7 @@ impl QueuePair {
         let n = &self.negotiated;
         let hdr_len = n.hdr_len;
         let mergeable = n.mergeable;
-        let max_packet = n.max_rx_packet(self.mtu);
+        let max_packet = n.max_rx_packet();
         let m = self.metrics.clone();
         loop {
             let want = if mergeable { max_packet } else { 1 };
@@ -357,25 +364,27 @@ impl QueuePair {
         let hook = self.hook.clone();
         let mut remaining = len;
         let mut first_segments = None;
+        self.rx.entries.clear();
         for _ in 0..used {
             let Some(chain) = self.rx.recycle_front() else {
                 break;
             };
             let this = remaining.min(chain.len as usize);
             remaining -= this;
-            if queue.add_used(mem, chain.head, this as u32).is_err() {
-                QueueMetrics::inc(&m.bad_head_index);
-            }
+            self.rx.entries.push((chain.head, this as u32));
             if hook.is_some() && first_segments.is_none() {
                 first_segments = Some(chain.segments);
             } else {
                 self.rx.spare.push(chain.segments);
             }
         }
+        // All buffers of the packet become visible to the guest at once.
+        if self.rx.used.publish(queue, mem, &self.rx.entries).is_err() {
+            QueueMetrics::inc(&m.bad_head_index);
+        }
         QueueMetrics::inc(&m.rx_packets);
         QueueMetrics::add(&m.rx_bytes, (len - hdr_len) as u64);
         if let (Some(hook), Some(segments)) = (hook, first_segments) {
-            // The used index is published by add_used (release store).
             let stamps = RxStamps {
                 host_in,
                 ring: now_ns(),
@@ -406,16 +415,13 @@ impl QueuePair {
 }
 
 /// Signals the guest if the ring's notification rules (EVENT_IDX) ask for it.
-pub(super) fn notify_guest<G>(state: &mut G, mem: &GuestMemoryMmap)
+pub(super) fn notify_guest<G>(used: &mut UsedRing, state: &mut G, mem: &GuestMemoryMmap)
 where
     G: std::ops::DerefMut<Target = vhost_user_backend::VringState>,
 {
-    match state.get_queue_mut().needs_notification(mem) {
-        Ok(true) | Err(_) => {
-            if let Err(e) = state.signal_used_queue() {
-                warn!("cannot signal the guest: {e}");
-            }
+    if used.needs_notification(state.get_queue(), mem) {
+        if let Err(e) = state.signal_used_queue() {
+            warn!("cannot signal the guest: {e}");
         }
-        Ok(false) => {}
     }
 }

@@ -7,11 +7,12 @@
 
 use log::warn;
 use vhost_user_backend::VringT;
-use virtio_queue::QueueT;
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::chain::{collect_segments, Access, ChainError, Segment};
 use super::rx::notify_guest;
+use super::used::UsedRing;
 use super::vnet_hdr::{VnetHdr, HDR_LEN_V1, MAX_FRAME_LEN};
 use super::{copy_from_segments, push_iovecs, IovecBuf, QueuePair, BATCH, IOV_MAX};
 use crate::metrics::QueueMetrics;
@@ -21,6 +22,9 @@ use crate::timing::{now_ns, PacketView, TxStamps};
 /// TX state of one queue pair.
 #[derive(Default)]
 pub struct TxState {
+    /// Used-ring publication and notification state.
+    pub used: UsedRing,
+    entries: Vec<(u16, u32)>,
     segments: Vec<Segment>,
     iov: IovecBuf,
     linear: Vec<u8>,
@@ -45,35 +49,53 @@ impl QueuePair {
             return;
         }
         let kick = if self.hook.is_some() { now_ns() } else { 0 };
-        let mut completed = 0usize;
+        let mut heads = [0u16; BATCH];
         loop {
             // Suppress kicks while we are draining the ring anyway.
             let _ = state.get_queue_mut().disable_notification(mem);
             loop {
-                let queue = state.get_queue_mut();
-                let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                // One avail-index read per batch, then one used entry per chain.
+                let mut taken = 0;
+                if let Ok(mut chains) = state.get_queue_mut().iter(mem) {
+                    while taken < BATCH {
+                        let Some(chain) = chains.next() else {
+                            break;
+                        };
+                        heads[taken] = chain.head_index();
+                        taken += 1;
+                        let pop = if self.hook.is_some() { now_ns() } else { 0 };
+                        let collected = collect_segments(
+                            chain,
+                            mem,
+                            Access::DeviceReads,
+                            &mut self.tx.segments,
+                        );
+                        let stamps = TxStamps {
+                            kick,
+                            pop,
+                            host_out: 0,
+                        };
+                        self.transmit(mem, collected, stamps);
+                    }
+                }
+                if taken == 0 {
                     break;
-                };
-                let head = chain.head_index();
-                let pop = if self.hook.is_some() { now_ns() } else { 0 };
-                let collected =
-                    collect_segments(chain, mem, Access::DeviceReads, &mut self.tx.segments);
-                self.transmit(
-                    mem,
-                    collected,
-                    TxStamps {
-                        kick,
-                        pop,
-                        host_out: 0,
-                    },
-                );
-                if queue.add_used(mem, head, 0).is_err() {
-                    QueueMetrics::inc(&self.metrics.bad_head_index);
                 }
-                completed += 1;
-                if completed % BATCH == 0 {
-                    notify_guest(&mut state, mem);
+                let size = state.get_queue().size();
+                let entries = &mut self.tx.entries;
+                entries.clear();
+                for &head in &heads[..taken] {
+                    if head < size {
+                        entries.push((head, 0));
+                    } else {
+                        // Cannot be returned: the guest named no real descriptor.
+                        QueueMetrics::inc(&self.metrics.bad_head_index);
+                    }
                 }
+                if let Err(e) = self.tx.used.publish(state.get_queue_mut(), mem, entries) {
+                    warn!("queue pair {}: cannot return TX buffers: {e}", self.index);
+                }
+                notify_guest(&mut self.tx.used, &mut state, mem);
             }
             match state.get_queue_mut().enable_notification(mem) {
                 Ok(true) => continue,
@@ -84,9 +106,6 @@ impl QueuePair {
                 }
             }
         }
-        if completed % BATCH != 0 {
-            notify_guest(&mut state, mem);
-        }
     }
 
     /// Validates one collected chain and writes it to the tap.
@@ -96,7 +115,7 @@ impl QueuePair {
         collected: Result<u32, ChainError>,
         mut stamps: TxStamps,
     ) {
-        let m = self.metrics.clone();
+        let m = &self.metrics;
         let hdr_len = self.negotiated.hdr_len;
         let total = match collected {
             Ok(total) => total as usize,
@@ -118,22 +137,21 @@ impl QueuePair {
             QueueMetrics::inc(&m.tx_drop_too_large);
             return;
         }
+        self.tx.iov.0.clear();
+        let covered = push_iovecs(mem, &self.tx.segments, total, &mut self.tx.iov.0);
+        if covered < total {
+            // A segment stopped mapping (memory table changed under us).
+            QueueMetrics::inc(&m.tx_drop_bad_address);
+            return;
+        }
         let mut raw = [0u8; HDR_LEN_V1];
-        copy_from_segments(mem, &self.tx.segments, 0, &mut raw[..hdr_len]);
+        read_prefix(&self.tx.iov.0, &mut raw[..hdr_len]);
         if let Err(e) = self
             .negotiated
             .check_tx_header(&VnetHdr::from_bytes(&raw[..hdr_len]))
         {
             log::debug!("queue pair {}: dropping TX frame: {e}", self.index);
             QueueMetrics::inc(&m.tx_drop_bad_gso);
-            return;
-        }
-
-        self.tx.iov.0.clear();
-        let covered = push_iovecs(mem, &self.tx.segments, total, &mut self.tx.iov.0);
-        if covered < total {
-            // A segment stopped mapping (memory table changed under us).
-            QueueMetrics::inc(&m.tx_drop_bad_address);
             return;
         }
         if self.tx.iov.0.len() > IOV_MAX {
@@ -166,6 +184,26 @@ impl QueuePair {
                 log::debug!("queue pair {}: tap write failed: {e}", self.index);
                 QueueMetrics::inc(&m.tx_drop_tap_write);
             }
+        }
+    }
+}
+
+/// Copies the first bytes covered by `iov` into `out` (volatile reads: the
+/// guest may be writing the same memory).
+fn read_prefix(iov: &[libc::iovec], out: &mut [u8]) {
+    let mut filled = 0;
+    for v in iov {
+        let base = v.iov_base.cast::<u8>().cast_const();
+        let mut i = 0;
+        while i < v.iov_len && filled < out.len() {
+            // SAFETY: `base..base + iov_len` is mapped guest memory resolved
+            // by push_iovecs under the memory guard the caller holds.
+            out[filled] = unsafe { std::ptr::read_volatile(base.add(i)) };
+            i += 1;
+            filled += 1;
+        }
+        if filled == out.len() {
+            return;
         }
     }
 }

@@ -62,7 +62,7 @@ pub struct Negotiated {
     pub mergeable: bool,
     /// Offload flags for TUNSETOFFLOAD (what the tap may hand us for the guest).
     pub tap_offloads: u32,
-    /// Whether the tap may hand us GSO frames (so RX frames may be up to 64 KiB).
+    /// Whether the tap may hand us GSO frames.
     pub guest_gso: bool,
     /// Guest may send NEEDS_CSUM frames.
     pub host_csum: bool,
@@ -115,14 +115,11 @@ impl Negotiated {
         }
     }
 
-    /// Largest RX packet (header included) the tap can hand us for `mtu`.
-    pub fn max_rx_packet(&self, mtu: usize) -> usize {
-        let frame = if self.guest_gso {
-            MAX_FRAME_LEN
-        } else {
-            (mtu + 14 + 4).min(MAX_FRAME_LEN)
-        };
-        self.hdr_len + frame
+    /// Largest RX packet (header included) the tap can hand us. The tap's
+    /// MTU can change at any time and a tap read into too small a buffer
+    /// truncates silently, so this is the protocol limit, not the MTU.
+    pub fn max_rx_packet(&self) -> usize {
+        self.hdr_len + MAX_FRAME_LEN
     }
 
     /// Checks a guest TX header against what was negotiated.
@@ -274,7 +271,7 @@ mod tests {
             TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN
         );
         assert!(n.guest_gso);
-        assert_eq!(n.max_rx_packet(1500), 12 + MAX_FRAME_LEN);
+        assert_eq!(n.max_rx_packet(), 12 + MAX_FRAME_LEN);
     }
 
     #[test]
@@ -283,7 +280,6 @@ mod tests {
         let n = Negotiated::from_features(f);
         assert_eq!(n.tap_offloads, 0);
         assert!(!n.guest_gso);
-        assert_eq!(n.max_rx_packet(1500), 12 + 1518);
     }
 
     #[test]
@@ -301,7 +297,7 @@ mod tests {
     fn legacy_without_mrg_rxbuf_uses_ten_byte_header() {
         let n = Negotiated::from_features(0);
         assert_eq!(n.hdr_len, HDR_LEN_LEGACY);
-        assert_eq!(n.max_rx_packet(9000), 10 + 9018);
+        assert_eq!(n.max_rx_packet(), 10 + MAX_FRAME_LEN);
     }
 
     #[test]

@@ -21,7 +21,6 @@ const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
 const TUNSETQUEUE: libc::c_ulong = 0x4004_54d9;
-const SIOCGIFMTU: libc::c_ulong = 0x8921;
 
 /// Errors attaching to or configuring the tap.
 #[derive(Debug, thiserror::Error)]
@@ -83,7 +82,7 @@ pub type Result<T> = std::result::Result<T, TapError>;
 #[derive(Default)]
 struct IfReq {
     name: [u8; 16],
-    // The union: flags (short) or mtu (int); padded to the kernel's 24 bytes.
+    // The union (flags for our requests), padded to the kernel's 24 bytes.
     data: [u8; 24],
 }
 
@@ -229,26 +228,6 @@ impl Tap {
                 source,
             }),
         }
-    }
-
-    /// The interface MTU (1500 if it cannot be read).
-    pub fn mtu(&self) -> usize {
-        // SAFETY: plain socket(2) call; the fd is closed below.
-        let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-        if sock < 0 {
-            return 1500;
-        }
-        let mut req = IfReq::new(&self.name);
-        let mtu = match ioctl_ptr(sock, SIOCGIFMTU, &mut req) {
-            Ok(()) => {
-                let raw = i32::from_ne_bytes([req.data[0], req.data[1], req.data[2], req.data[3]]);
-                usize::try_from(raw).unwrap_or(1500)
-            }
-            Err(_) => 1500,
-        };
-        // SAFETY: `sock` is a descriptor we own and no longer use.
-        unsafe { libc::close(sock) };
-        mtu
     }
 }
 

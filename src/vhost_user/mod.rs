@@ -235,11 +235,9 @@ impl VhostUserBackend for NetBackend {
         if let Err(e) = tap.set_offloads(negotiated.tap_offloads) {
             error!("{e}");
         }
-        let mtu = tap.mtu();
         for i in 0..self.queue_pairs() {
             let mut pair = self.pair(i);
             pair.negotiated = negotiated;
-            pair.mtu = mtu;
         }
         info!(
             "features acked {features:#x}: header {} bytes, mergeable {}, tap offloads {:#x}",
@@ -281,8 +279,11 @@ impl VhostUserBackend for NetBackend {
         if pair_index >= self.queue_pairs() {
             return Ok(());
         }
-        if queue_index % 2 == 0 {
-            let mut pair = self.pair(pair_index);
+        let mut pair = self.pair(pair_index);
+        if queue_index % 2 == 1 {
+            pair.tx.used.reset();
+        } else {
+            pair.rx.used.reset();
             if let Some((rx, _)) = pair.vrings.clone() {
                 pair.rx.return_held_chains(rx.get_mut().get_queue_mut());
             }
@@ -315,6 +316,8 @@ impl VhostUserBackend for NetBackend {
             };
             pair.vrings = Some((rx.clone(), tx.clone()));
             pair.vrings_generation = self.generation;
+            pair.rx.used.reset();
+            pair.tx.used.reset();
         }
         if !pair.tap_attached {
             self.set_tap_queue(&mut pair, true);

@@ -1,0 +1,196 @@
+//! Returning buffers to the guest: used-ring elements and notifications.
+//!
+//! virtio-queue publishes the used index after every element, which lets a
+//! driver see the first buffers of a multi-buffer (MRG_RXBUF) packet before
+//! the rest: Linux then drops the packet ("rx error: N buffers out of M
+//! missing"), DPDK mis-assembles it. Here all elements of a packet (or of a
+//! TX batch) are written first and published with one release store of the
+//! used index. The notification decision (EVENT_IDX or the avail flags) is
+//! made here too, counting every element published since the last decision.
+
+use std::num::Wrapping;
+use std::sync::atomic::{fence, Ordering};
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+/// VRING_AVAIL_F_NO_INTERRUPT.
+const AVAIL_F_NO_INTERRUPT: u16 = 1;
+
+/// Why used elements could not be published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum UsedError {
+    /// A head index outside the queue (never returned to the guest).
+    #[error("descriptor index {0} outside the queue")]
+    BadIndex(u16),
+    /// The used ring is not in guest memory.
+    #[error("used ring outside guest memory")]
+    RingUnmapped,
+}
+
+/// Notification state of one ring.
+#[derive(Debug, Default)]
+pub struct UsedRing {
+    /// Used index at the last notification decision (None: notify next time).
+    signalled: Option<Wrapping<u16>>,
+}
+
+impl UsedRing {
+    /// Forgets the notification history (ring restarted or reconnected).
+    pub fn reset(&mut self) {
+        self.signalled = None;
+    }
+
+    /// Writes one used element per `(head, len)` and then publishes them all
+    /// with one used-index store. Entries with a head outside the queue are
+    /// skipped and reported (the first one) after the rest are published.
+    pub fn publish(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+        entries: &[(u16, u32)],
+    ) -> Result<(), UsedError> {
+        let size = queue.size();
+        if size == 0 {
+            return Err(UsedError::RingUnmapped);
+        }
+        let ring = GuestAddress(queue.used_ring());
+        let mut next = Wrapping(queue.next_used());
+        let mut bad = None;
+        for &(head, len) in entries {
+            if head >= size {
+                bad.get_or_insert(UsedError::BadIndex(head));
+                continue;
+            }
+            let slot = 4 + 8 * u64::from(next.0 % size);
+            let mut elem = [0u8; 8];
+            elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+            elem[4..].copy_from_slice(&len.to_le_bytes());
+            let addr = ring.0.checked_add(slot).ok_or(UsedError::RingUnmapped)?;
+            mem.write_slice(&elem, GuestAddress(addr))
+                .map_err(|_| UsedError::RingUnmapped)?;
+            next += Wrapping(1);
+        }
+        queue.set_next_used(next.0);
+        let idx_addr = ring.0.checked_add(2).ok_or(UsedError::RingUnmapped)?;
+        // Release: the elements above are visible before the index is.
+        mem.store(next.0.to_le(), GuestAddress(idx_addr), Ordering::Release)
+            .map_err(|_| UsedError::RingUnmapped)?;
+        bad.map_or(Ok(()), Err)
+    }
+
+    /// Whether the guest wants an interrupt for what was published since the
+    /// last call (virtio 1.x 2.7.10 with EVENT_IDX, else the avail flags).
+    pub fn needs_notification(&mut self, queue: &Queue, mem: &GuestMemoryMmap) -> bool {
+        let new = Wrapping(queue.next_used());
+        // The used-index store must be visible before we read the guest's
+        // wishes, or an interrupt could be lost.
+        fence(Ordering::SeqCst);
+        let avail = queue.avail_ring();
+        if queue.event_idx_enabled() {
+            let event_addr = avail + 4 + 2 * u64::from(queue.size());
+            let Ok(used_event) = mem.load::<u16>(GuestAddress(event_addr), Ordering::Acquire)
+            else {
+                return true;
+            };
+            let used_event = Wrapping(u16::from_le(used_event));
+            let old = self.signalled.replace(new);
+            match old {
+                None => true,
+                // vring_need_event(): the guest's event index lies in (old, new].
+                Some(old) => new - used_event - Wrapping(1) < new - old,
+            }
+        } else {
+            self.signalled = Some(new);
+            match mem.load::<u16>(GuestAddress(avail), Ordering::Acquire) {
+                Ok(flags) => u16::from_le(flags) & AVAIL_F_NO_INTERRUPT == 0,
+                Err(_) => true,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup(event_idx: bool) -> (GuestMemoryMmap, Queue) {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let mut q = Queue::new(16).unwrap();
+        q.set_size(16);
+        q.set_desc_table_address(Some(0x0), Some(0));
+        q.set_avail_ring_address(Some(0x1000), Some(0));
+        q.set_used_ring_address(Some(0x2000), Some(0));
+        q.set_event_idx(event_idx);
+        q.set_ready(true);
+        (mem, q)
+    }
+
+    fn used_idx(mem: &GuestMemoryMmap) -> u16 {
+        mem.read_obj(GuestAddress(0x2002)).unwrap()
+    }
+
+    #[test]
+    fn publishes_all_elements_with_one_index_update() {
+        let (mem, mut q) = setup(false);
+        let mut used = UsedRing::default();
+        used.publish(&mut q, &mem, &[(3, 100), (7, 200), (1, 50)])
+            .unwrap();
+        assert_eq!(used_idx(&mem), 3);
+        assert_eq!(q.next_used(), 3);
+        let id: u32 = mem.read_obj(GuestAddress(0x2004 + 8)).unwrap();
+        let len: u32 = mem.read_obj(GuestAddress(0x2008 + 8)).unwrap();
+        assert_eq!((id, len), (7, 200));
+    }
+
+    #[test]
+    fn bad_heads_are_skipped_and_reported() {
+        let (mem, mut q) = setup(false);
+        let mut used = UsedRing::default();
+        let r = used.publish(&mut q, &mem, &[(3, 1), (99, 1), (4, 1)]);
+        assert_eq!(r, Err(UsedError::BadIndex(99)));
+        assert_eq!(used_idx(&mem), 2);
+    }
+
+    #[test]
+    fn wraps_around_the_ring() {
+        let (mem, mut q) = setup(false);
+        q.set_next_used(15);
+        let mut used = UsedRing::default();
+        used.publish(&mut q, &mem, &[(1, 1), (2, 2)]).unwrap();
+        assert_eq!(used_idx(&mem), 17);
+        let slot0: u32 = mem.read_obj(GuestAddress(0x2004)).unwrap();
+        assert_eq!(slot0, 2);
+    }
+
+    #[test]
+    fn event_idx_notifies_only_when_crossing_used_event() {
+        let (mem, mut q) = setup(true);
+        let mut used = UsedRing::default();
+        let used_event = GuestAddress(0x1000 + 4 + 2 * 16);
+        mem.write_obj(5u16, used_event).unwrap();
+        used.publish(&mut q, &mem, &[(0, 1), (1, 1)]).unwrap();
+        assert!(
+            used.needs_notification(&q, &mem),
+            "first decision always notifies"
+        );
+        used.publish(&mut q, &mem, &[(2, 1), (3, 1)]).unwrap(); // idx 2 -> 4
+        assert!(!used.needs_notification(&q, &mem));
+        used.publish(&mut q, &mem, &[(4, 1), (5, 1), (6, 1)])
+            .unwrap(); // 4 -> 7 crosses 5
+        assert!(used.needs_notification(&q, &mem));
+        used.publish(&mut q, &mem, &[(7, 1)]).unwrap();
+        assert!(!used.needs_notification(&q, &mem));
+    }
+
+    #[test]
+    fn without_event_idx_the_avail_flag_decides() {
+        let (mem, mut q) = setup(false);
+        let mut used = UsedRing::default();
+        used.publish(&mut q, &mem, &[(0, 1)]).unwrap();
+        assert!(used.needs_notification(&q, &mem));
+        mem.write_obj(AVAIL_F_NO_INTERRUPT, GuestAddress(0x1000))
+            .unwrap();
+        assert!(!used.needs_notification(&q, &mem));
+    }
+}
