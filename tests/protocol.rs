@@ -20,7 +20,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use common::frontend::*;
-use common::{Netns, TempDir, Vsnoop};
+use common::{require_tool, Netns, TempDir, Vsnoop};
 
 const T: Duration = Duration::from_secs(10);
 const GUEST_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x77, 0x00, 0x02];
@@ -1687,5 +1687,45 @@ fn cli_refuses_a_socket_in_use() -> Result<()> {
     listener
         .accept()
         .context("the original listener did not get the connection")?;
+    Ok(())
+}
+
+/// Without CAP_NET_ADMIN the tap cannot be created: one clear error line,
+/// exit status 1, no panic.
+#[test]
+fn cli_reports_a_missing_tap_permission() -> Result<()> {
+    require_tool("setpriv");
+    let ns = Netns::new("vsp");
+    let dir = TempDir::new("perm");
+    let sock = dir.join("vhost.sock");
+    let out = ns
+        .command("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "--",
+            env!("CARGO_BIN_EXE_vsnoop"),
+            "--socket",
+            sock.to_str().unwrap(),
+            "--tap",
+            "vsperm0",
+        ])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.code() == Some(1),
+        "want exit 1, got {}: {stderr}",
+        out.status
+    );
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("error")).collect();
+    ensure!(errors.len() == 1, "want one error line:\n{stderr}");
+    ensure!(
+        errors[0].contains("CAP_NET_ADMIN") && errors[0].contains("vsperm0"),
+        "the error line should name the tap and the missing capability:\n{stderr}"
+    );
+    ensure!(!stderr.contains("panicked"), "{stderr}");
     Ok(())
 }

@@ -11,7 +11,9 @@
 use std::ops::Deref;
 
 use virtio_queue::DescriptorChain;
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, GuestAddress, GuestMemoryMmap};
+
+use super::push_iovecs;
 
 /// One guest buffer: guest-physical address and length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,13 +50,33 @@ pub enum Access {
     DeviceReads,
 }
 
-/// Walks `chain`, appending its segments to `segments` (cleared first), and
-/// returns the chain's total length.
+/// Walks `chain`, filling `segments` (cleared first) and appending one or
+/// more host iovecs per segment to `iov`, and returns the chain's total
+/// length. On error `iov` is left as it was.
 pub fn collect_segments<M>(
     chain: DescriptorChain<M>,
     mem: &GuestMemoryMmap,
     access: Access,
     segments: &mut Vec<Segment>,
+    iov: &mut Vec<libc::iovec>,
+) -> Result<u32, ChainError>
+where
+    M: Deref<Target = GuestMemoryMmap>,
+{
+    let iov_start = iov.len();
+    let result = walk(chain, mem, access, segments, iov);
+    if result.is_err() {
+        iov.truncate(iov_start);
+    }
+    result
+}
+
+fn walk<M>(
+    chain: DescriptorChain<M>,
+    mem: &GuestMemoryMmap,
+    access: Access,
+    segments: &mut Vec<Segment>,
+    iov: &mut Vec<libc::iovec>,
 ) -> Result<u32, ChainError>
 where
     M: Deref<Target = GuestMemoryMmap>,
@@ -68,8 +90,18 @@ where
         }
         let len = desc.len();
         if len > 0 {
+            // Resolving the buffer to host memory is also the range check:
+            // every byte must be backed by a guest memory region.
             let in_memory = desc.addr().checked_add(u64::from(len)).is_some()
-                && GuestMemoryBackend::check_range(mem, desc.addr(), len as usize);
+                && push_iovecs(
+                    mem,
+                    &[Segment {
+                        addr: desc.addr(),
+                        len,
+                    }],
+                    len as usize,
+                    iov,
+                ) == len as usize;
             if !in_memory {
                 return Err(ChainError::BadAddress);
             }
@@ -120,7 +152,7 @@ mod tests {
         let mut q: virtio_queue::Queue = vq.create_queue().unwrap();
         let chain = q.iter(mem).unwrap().next().unwrap();
         let mut segs = Vec::new();
-        let r = collect_segments(chain, mem, access, &mut segs);
+        let r = collect_segments(chain, mem, access, &mut segs, &mut Vec::new());
         (r, segs)
     }
 
@@ -181,7 +213,7 @@ mod tests {
         let chain = q.iter(&mem).unwrap().next().unwrap();
         let mut segs = Vec::new();
         assert_eq!(
-            collect_segments(chain, &mem, Access::DeviceReads, &mut segs),
+            collect_segments(chain, &mem, Access::DeviceReads, &mut segs, &mut Vec::new()),
             Err(ChainError::Malformed)
         );
     }
@@ -202,7 +234,7 @@ mod tests {
         let chain = q.iter(&mem).unwrap().next().unwrap();
         let mut segs = Vec::new();
         assert_eq!(
-            collect_segments(chain, &mem, Access::DeviceReads, &mut segs),
+            collect_segments(chain, &mem, Access::DeviceReads, &mut segs, &mut Vec::new()),
             Err(ChainError::Malformed)
         );
     }

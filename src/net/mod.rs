@@ -16,7 +16,10 @@ use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use vhost_user_backend::VringRwLock;
-use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress,
+};
 
 use crate::metrics::QueueMetrics;
 use crate::timing::DataPathHook;
@@ -102,8 +105,8 @@ pub struct IovecBuf(pub Vec<libc::iovec>);
 unsafe impl Send for IovecBuf {}
 
 /// Appends iovecs covering the first `len` bytes of `segments`. Returns the
-/// bytes covered, which is less than asked only when a segment no longer
-/// maps (the memory table changed). Callers enforce IOV_MAX.
+/// bytes covered, which is less than asked only when some bytes are not
+/// guest memory. Callers enforce IOV_MAX.
 pub fn push_iovecs(
     mem: &GuestMemoryMmap,
     segments: &[Segment],
@@ -116,19 +119,44 @@ pub fn push_iovecs(
             break;
         }
         let want = (seg.len as usize).min(len);
-        for slice in GuestMemoryBackend::get_slices(mem, seg.addr, want) {
-            let Ok(slice) = slice else {
-                return covered;
-            };
+        // Fast path: the buffer lies inside one region (almost always).
+        if let Some(ptr) = host_address(mem, seg.addr, want) {
             iov.push(libc::iovec {
-                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-                iov_len: slice.len(),
+                iov_base: ptr.cast(),
+                iov_len: want,
             });
-            covered += slice.len();
+            covered += want;
+        } else {
+            let mut got = 0;
+            for slice in GuestMemoryBackend::get_slices(mem, seg.addr, want) {
+                let Ok(slice) = slice else {
+                    break;
+                };
+                iov.push(libc::iovec {
+                    iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                    iov_len: slice.len(),
+                });
+                got += slice.len();
+            }
+            covered += got;
+            if got < want {
+                return covered;
+            }
         }
         len -= want;
     }
     covered
+}
+
+/// The host address of `[addr, addr + len)` if one region holds all of it.
+fn host_address(mem: &GuestMemoryMmap, addr: GuestAddress, len: usize) -> Option<*mut u8> {
+    let region = mem.find_region(addr)?;
+    let offset = addr.0 - region.start_addr().0;
+    let end = offset.checked_add(len as u64)?;
+    if end > region.len() {
+        return None;
+    }
+    region.get_host_address(MemoryRegionAddress(offset)).ok()
 }
 
 /// Copies `data` into `segments` starting `offset` bytes in; returns bytes copied.

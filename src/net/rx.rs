@@ -172,11 +172,16 @@ impl RxState {
             };
             let head = chain.head_index();
             let mut segments = self.spare.pop().unwrap_or_default();
-            match collect_segments(chain, mem, Access::DeviceWrites, &mut segments) {
+            let before = self.iov.0.len();
+            match collect_segments(
+                chain,
+                mem,
+                Access::DeviceWrites,
+                &mut segments,
+                &mut self.iov.0,
+            ) {
                 Ok(len) if len as usize >= hdr_len => {
                     self.held_bytes += len as usize;
-                    let before = self.iov.0.len();
-                    push_iovecs(mem, &segments, len as usize, &mut self.iov.0);
                     self.held.push_back(HeldChain {
                         head,
                         len,
@@ -185,6 +190,7 @@ impl RxState {
                     });
                 }
                 result => {
+                    self.iov.0.truncate(before);
                     let counter = match result {
                         Err(ChainError::BadAddress) => &m.rx_drop_bad_address,
                         Err(ChainError::WrongDirection) => &m.rx_drop_readonly_buffer,

@@ -14,7 +14,7 @@ use super::chain::{collect_segments, Access, ChainError, Segment};
 use super::rx::notify_guest;
 use super::used::UsedRing;
 use super::vnet_hdr::{VnetHdr, HDR_LEN_V1, MAX_FRAME_LEN};
-use super::{copy_from_segments, push_iovecs, IovecBuf, QueuePair, BATCH, IOV_MAX};
+use super::{copy_from_segments, IovecBuf, QueuePair, BATCH, IOV_MAX};
 use crate::metrics::QueueMetrics;
 use crate::port::tap;
 use crate::timing::{now_ns, PacketView, TxStamps};
@@ -64,11 +64,13 @@ impl QueuePair {
                         heads[taken] = chain.head_index();
                         taken += 1;
                         let pop = if self.hook.is_some() { now_ns() } else { 0 };
+                        self.tx.iov.0.clear();
                         let collected = collect_segments(
                             chain,
                             mem,
                             Access::DeviceReads,
                             &mut self.tx.segments,
+                            &mut self.tx.iov.0,
                         );
                         let stamps = TxStamps {
                             kick,
@@ -135,13 +137,6 @@ impl QueuePair {
         }
         if total - hdr_len > MAX_FRAME_LEN {
             QueueMetrics::inc(&m.tx_drop_too_large);
-            return;
-        }
-        self.tx.iov.0.clear();
-        let covered = push_iovecs(mem, &self.tx.segments, total, &mut self.tx.iov.0);
-        if covered < total {
-            // A segment stopped mapping (memory table changed under us).
-            QueueMetrics::inc(&m.tx_drop_bad_address);
             return;
         }
         let mut raw = [0u8; HDR_LEN_V1];

@@ -57,19 +57,31 @@ impl UsedRing {
         let ring = GuestAddress(queue.used_ring());
         let mut next = Wrapping(queue.next_used());
         let mut bad = None;
+        // Elements are staged and written in runs up to the ring's end: one
+        // guest-memory write per run instead of one per element.
+        let mut staged = [0u8; 8 * 64];
+        let mut count = 0usize;
+        let mut run_start = next.0 % size;
         for &(head, len) in entries {
             if head >= size {
                 bad.get_or_insert(UsedError::BadIndex(head));
                 continue;
             }
-            let slot = 4 + 8 * u64::from(next.0 % size);
-            let mut elem = [0u8; 8];
-            elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
-            elem[4..].copy_from_slice(&len.to_le_bytes());
-            let addr = ring.0.checked_add(slot).ok_or(UsedError::RingUnmapped)?;
-            mem.write_slice(&elem, GuestAddress(addr))
-                .map_err(|_| UsedError::RingUnmapped)?;
+            let slot = next.0 % size;
+            if count == 64 || (count > 0 && slot == 0) {
+                write_run(mem, ring, run_start, &staged[..8 * count])?;
+                count = 0;
+            }
+            if count == 0 {
+                run_start = slot;
+            }
+            staged[8 * count..8 * count + 4].copy_from_slice(&u32::from(head).to_le_bytes());
+            staged[8 * count + 4..8 * count + 8].copy_from_slice(&len.to_le_bytes());
+            count += 1;
             next += Wrapping(1);
+        }
+        if count > 0 {
+            write_run(mem, ring, run_start, &staged[..8 * count])?;
         }
         queue.set_next_used(next.0);
         let idx_addr = ring.0.checked_add(2).ok_or(UsedError::RingUnmapped)?;
@@ -108,6 +120,21 @@ impl UsedRing {
             }
         }
     }
+}
+
+/// Writes consecutive used elements starting at ring slot `slot`.
+fn write_run(
+    mem: &GuestMemoryMmap,
+    ring: GuestAddress,
+    slot: u16,
+    elems: &[u8],
+) -> Result<(), UsedError> {
+    let addr = ring
+        .0
+        .checked_add(4 + 8 * u64::from(slot))
+        .ok_or(UsedError::RingUnmapped)?;
+    mem.write_slice(elems, GuestAddress(addr))
+        .map_err(|_| UsedError::RingUnmapped)
 }
 
 #[cfg(test)]
@@ -161,6 +188,19 @@ mod tests {
         assert_eq!(used_idx(&mem), 17);
         let slot0: u32 = mem.read_obj(GuestAddress(0x2004)).unwrap();
         assert_eq!(slot0, 2);
+    }
+
+    #[test]
+    fn long_publications_wrap_and_keep_order() {
+        let (mem, mut q) = setup(false);
+        q.set_next_used(10);
+        let entries: Vec<(u16, u32)> = (0..100u32).map(|i| ((i % 16) as u16, i)).collect();
+        UsedRing::default().publish(&mut q, &mem, &entries).unwrap();
+        assert_eq!(used_idx(&mem), 110);
+        // The last element (i = 99) sits in slot 109 % 16 = 13.
+        let id: u32 = mem.read_obj(GuestAddress(0x2004 + 8 * 13)).unwrap();
+        let len: u32 = mem.read_obj(GuestAddress(0x2008 + 8 * 13)).unwrap();
+        assert_eq!((id, len), (99 % 16, 99));
     }
 
     #[test]
