@@ -11,3 +11,5 @@ scripts/build-guest.sh
 echo "== cargo test (release)"
 # One test at a time: the guest and DPDK tests each need the machine's CPUs.
 cargo test --release -- --test-threads=1 "$@"
+echo "== fuzzing (scripts/fuzz.sh)"
+scripts/fuzz.sh
