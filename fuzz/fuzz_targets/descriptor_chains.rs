@@ -38,7 +38,11 @@ fuzz_target!(|data: &[u8]| {
             let sum: u64 = segments.iter().map(|s| u64::from(s.len)).sum();
             assert_eq!(sum, u64::from(total));
             for s in &segments {
-                assert!(GuestMemoryBackend::check_range(&mem, s.addr, s.len as usize));
+                assert!(GuestMemoryBackend::check_range(
+                    &mem,
+                    s.addr,
+                    s.len as usize
+                ));
             }
             let iov_sum: usize = iov.iter().map(|v| v.iov_len).sum();
             assert_eq!(iov_sum as u64, sum);

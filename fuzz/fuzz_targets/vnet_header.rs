@@ -12,7 +12,12 @@ fuzz_target!(|data: &[u8]| {
     let features = u64::from_le_bytes(data[..8].try_into().unwrap());
     let negotiated = Negotiated::from_features(features);
     let hdr = VnetHdr::from_bytes(&data[8..]);
-    let _ = (hdr.hdr_len(), hdr.gso_size(), hdr.csum_start(), hdr.csum_offset());
+    let _ = (
+        hdr.hdr_len(),
+        hdr.gso_size(),
+        hdr.csum_start(),
+        hdr.csum_offset(),
+    );
     if let Err(e) = negotiated.check_tx_header(&hdr) {
         assert!(!e.to_string().is_empty());
     }
