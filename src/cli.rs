@@ -42,6 +42,16 @@ pub struct Cli {
     #[arg(long)]
     pub client: bool,
 
+    /// Record every frame at both vantage points (host side: the tap; guest
+    /// side: guest memory) to this pcapng file, with nanosecond timestamps
+    /// and one packet id per frame at both points.
+    #[arg(long, value_name = "FILE.pcapng")]
+    pub capture: Option<PathBuf>,
+
+    /// Bytes of each frame kept in the capture (64..=262144).
+    #[arg(long, value_name = "BYTES", default_value_t = 262_144)]
+    pub capture_snaplen: usize,
+
     /// Acknowledge TCP data on the guest's behalf (not implemented yet:
     /// accepted so scripts can pass it; it has no effect).
     #[arg(long, value_enum, value_name = "on|off", default_value_t = Switch::Off)]

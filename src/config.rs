@@ -22,6 +22,9 @@ pub enum ConfigError {
     /// --socket empty.
     #[error("--socket must not be empty")]
     Socket,
+    /// --capture-snaplen out of range.
+    #[error("--capture-snaplen must be between 64 and 262144, got {0}")]
+    Snaplen(usize),
 }
 
 /// Everything the daemon needs, checked.
@@ -39,6 +42,10 @@ pub struct Config {
     pub queue_size: usize,
     /// ACK offload requested.
     pub ack_offload: bool,
+    /// pcapng capture file, if any.
+    pub capture: Option<PathBuf>,
+    /// Bytes kept per captured frame.
+    pub capture_snaplen: usize,
 }
 
 impl TryFrom<Cli> for Config {
@@ -63,6 +70,9 @@ impl TryFrom<Cli> for Config {
         if cli.socket.as_os_str().is_empty() {
             return Err(ConfigError::Socket);
         }
+        if !(64..=262_144).contains(&cli.capture_snaplen) {
+            return Err(ConfigError::Snaplen(cli.capture_snaplen));
+        }
         Ok(Config {
             socket: cli.socket,
             client: cli.client,
@@ -70,6 +80,8 @@ impl TryFrom<Cli> for Config {
             queue_pairs: cli.queues,
             queue_size: cli.queue_size,
             ack_offload: cli.ack_offload == Switch::On,
+            capture: cli.capture,
+            capture_snaplen: cli.capture_snaplen,
         })
     }
 }
@@ -107,6 +119,10 @@ mod tests {
             Err(ConfigError::QueueSize(32))
         );
         assert!(parse(&["--queue-size", "32768"]).is_ok());
+        assert_eq!(
+            parse(&["--capture-snaplen", "10"]),
+            Err(ConfigError::Snaplen(10))
+        );
     }
 
     #[test]

@@ -17,8 +17,10 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 use crate::config::Config;
+use crate::export::capture::Capture;
 use crate::metrics::{format_report, QueueMetrics};
 use crate::port::Tap;
+use crate::timing::DataPathHook;
 use crate::vhost_user::shim::Relay;
 use crate::vhost_user::{tap_event_id, NetBackend};
 
@@ -33,10 +35,16 @@ pub fn run(config: Config) -> Result<()> {
     } else {
         Some(bind_server_socket(&config.socket)?)
     };
-    let backend = NetBackend::new(tap, config.queue_size, None);
+    let capture = match &config.capture {
+        Some(path) => Some(Arc::new(Capture::start(path, config.capture_snaplen)?)),
+        None => None,
+    };
+    let hook = capture.clone().map(|c| c as Arc<dyn DataPathHook>);
+    let backend = NetBackend::new(tap, config.queue_size, hook);
     install_signal_handlers(
         backend.metrics().to_vec(),
         listener.as_ref().map(|_| config.socket.clone()),
+        capture,
     )?;
     info!(
         "tap {} attached with {} queue pair(s)",
@@ -161,7 +169,11 @@ fn connect_with_retry(path: &Path) -> UnixStream {
     }
 }
 
-fn install_signal_handlers(metrics: Vec<Arc<QueueMetrics>>, socket: Option<PathBuf>) -> Result<()> {
+fn install_signal_handlers(
+    metrics: Vec<Arc<QueueMetrics>>,
+    socket: Option<PathBuf>,
+    capture: Option<Arc<Capture>>,
+) -> Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR1])
         .context("installing signal handlers")?;
@@ -170,6 +182,10 @@ fn install_signal_handlers(metrics: Vec<Arc<QueueMetrics>>, socket: Option<PathB
         .spawn(move || {
             for signal in signals.forever() {
                 eprint!("{}", format_report(&metrics));
+                if let Some(capture) = &capture {
+                    // SIGUSR1 also makes the capture file complete up to now.
+                    capture.flush();
+                }
                 if signal != SIGUSR1 {
                     if let Some(path) = &socket {
                         let _ = fs::remove_file(path);

@@ -10,6 +10,7 @@
 //! - [`port`]: the host side (TAP)
 //! - [`timing`]: the clock and the per-packet hook points
 //! - [`metrics`]: counters for every packet and drop path
+//! - [`export`]: pcapng capture at both vantage points
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
@@ -17,6 +18,7 @@
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod export;
 pub mod metrics;
 pub mod net;
 pub mod port;

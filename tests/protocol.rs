@@ -1729,3 +1729,90 @@ fn cli_reports_a_missing_tap_permission() -> Result<()> {
     ensure!(!stderr.contains("panicked"), "{stderr}");
     Ok(())
 }
+
+// ---------------------------------------------------------------------------
+// Capture
+// ---------------------------------------------------------------------------
+
+/// `--capture` records every frame at both vantage points; tshark reads the
+/// file: two interfaces, nanosecond timestamps, one packet id per frame at
+/// both points, direction flags, host before guest for RX and guest before
+/// host for TX.
+#[test]
+fn capture_records_every_frame_at_both_vantage_points() -> Result<()> {
+    require_tool("tshark");
+    let capdir = TempDir::new("capture");
+    let file = capdir.join("vsnoop.pcapng");
+    let file_s = file.to_str().unwrap().to_string();
+    let mut env = Env::start(&["--capture", &file_s]);
+    let mut rng = StdRng::seed_from_u64(11);
+    let mut fe = env.connect(opts(F_MRG_RXBUF, Order::Spec))?;
+    fe.fill_rx(0, &[1536], false)?;
+    both_ways(&mut env, &mut fe, Traffic::new(200), &mut rng)?;
+    let stats = env.stats();
+    let frames = get(&stats, "rx_packets")? + get(&stats, "tx_packets")?;
+    drop(fe);
+    ensure!(env.vs.terminate() == Some(0), "vsnoop did not exit cleanly");
+
+    let out = std::process::Command::new("tshark")
+        .args(["-r", &file_s, "-T", "fields", "-E", "separator=,"])
+        .args(["-e", "frame.interface_id", "-e", "frame.packet_id"])
+        .args([
+            "-e",
+            "frame.packet_flags_direction",
+            "-e",
+            "frame.time_epoch",
+        ])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "tshark failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout)?;
+    // id -> [(interface, direction, epoch string)]
+    let mut by_id: HashMap<u64, Vec<(u32, u32, String)>> = HashMap::new();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split(',').collect();
+        ensure!(f.len() == 4, "unexpected tshark line {line:?}");
+        let id: u64 = f[1]
+            .parse()
+            .with_context(|| format!("packet id in {line:?}"))?;
+        let dir = u32::from_str_radix(f[2].trim_start_matches("0x"), 16)?;
+        by_id
+            .entry(id)
+            .or_default()
+            .push((f[0].parse()?, dir, f[3].to_string()));
+    }
+    ensure!(
+        by_id.len() as u64 == frames,
+        "{} packet ids in the capture, {frames} frames counted",
+        by_id.len()
+    );
+    let ns = |epoch: &str| -> Result<u128> {
+        let (s, frac) = epoch.split_once('.').context("epoch without fraction")?;
+        ensure!(frac.len() == 9, "timestamp {epoch} is not in nanoseconds");
+        Ok(s.parse::<u128>()? * 1_000_000_000 + frac.parse::<u128>()?)
+    };
+    for (id, points) in &by_id {
+        ensure!(
+            points.len() == 2,
+            "packet {id} recorded {} times",
+            points.len()
+        );
+        let (first, second) = (&points[0], &points[1]);
+        ensure!(first.0 != second.0, "packet {id} twice on one interface");
+        // The first point is where the frame entered vsnoop: inbound there,
+        // outbound at the second point, and never earlier.
+        ensure!(
+            first.1 == 1 && second.1 == 2,
+            "packet {id}: directions {points:?}"
+        );
+        ensure!(
+            ns(&second.2)? >= ns(&first.2)?,
+            "packet {id}: time goes backwards {points:?}"
+        );
+    }
+    env.ok = true;
+    Ok(())
+}

@@ -55,6 +55,8 @@ pub struct RxState {
     pub used: UsedRing,
     /// Used entries of the packet being published (reused).
     entries: Vec<(u16, u32)>,
+    /// All buffers of the packet being published, for the hook (reused).
+    hook_segments: Vec<Segment>,
 }
 
 impl Default for RxState {
@@ -89,6 +91,7 @@ impl RxState {
             pending_stamp: 0,
             used: UsedRing::default(),
             entries: Vec::new(),
+            hook_segments: Vec::new(),
         }
     }
 
@@ -369,8 +372,8 @@ impl QueuePair {
         }
         let hook = self.hook.clone();
         let mut remaining = len;
-        let mut first_segments = None;
         self.rx.entries.clear();
+        self.rx.hook_segments.clear();
         for _ in 0..used {
             let Some(chain) = self.rx.recycle_front() else {
                 break;
@@ -378,11 +381,10 @@ impl QueuePair {
             let this = remaining.min(chain.len as usize);
             remaining -= this;
             self.rx.entries.push((chain.head, this as u32));
-            if hook.is_some() && first_segments.is_none() {
-                first_segments = Some(chain.segments);
-            } else {
-                self.rx.spare.push(chain.segments);
+            if hook.is_some() {
+                self.rx.hook_segments.extend_from_slice(&chain.segments);
             }
+            self.rx.spare.push(chain.segments);
         }
         // All buffers of the packet become visible to the guest at once.
         if self.rx.used.publish(queue, mem, &self.rx.entries).is_err() {
@@ -390,19 +392,18 @@ impl QueuePair {
         }
         QueueMetrics::inc(&m.rx_packets);
         QueueMetrics::add(&m.rx_bytes, (len - hdr_len) as u64);
-        if let (Some(hook), Some(segments)) = (hook, first_segments) {
+        if let Some(hook) = hook {
             let stamps = RxStamps {
                 host_in,
                 ring: now_ns(),
             };
             let view = PacketView {
                 mem,
-                segments: &segments,
-                len: len.min(segments.iter().map(|s| s.len as usize).sum()),
+                segments: &self.rx.hook_segments,
+                len,
                 hdr_len,
             };
             hook.rx_published(self.index, &view, stamps);
-            self.rx.spare.push(segments);
         }
     }
 

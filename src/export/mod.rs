@@ -1,0 +1,3 @@
+//! Getting data out of the daemon: packet capture (pcapng).
+
+pub mod capture;
