@@ -245,6 +245,13 @@ impl Setup {
         }
     }
 
+    /// Quits testpmd and checks that vsnoop exits cleanly on SIGTERM.
+    fn finish(&mut self, mut pmd: Testpmd) {
+        pmd.quit();
+        let ctx = self.context(&pmd);
+        assert_eq!(self.vsnoop.terminate(), Some(0), "vsnoop exit status{ctx}");
+    }
+
     fn context(&self, pmd: &Testpmd) -> String {
         format!(
             "\n--- vsnoop log (tail) ---\n{}\n--- testpmd log (tail) ---\n{}",
@@ -466,24 +473,26 @@ fn txonly_case(queues: usize, devargs: &str, extra: &[&str], frame_len: u64) {
         "tap rx_bytes != {frame_len} B per frame{ctx}"
     );
     assert_no_drops(&after, &ctx);
-    if queues > 1 {
-        let q = per_queue(&s.vsnoop.log_text(), "tx_packets");
-        assert_eq!(
-            q.len(),
-            queues,
-            "expected {queues} queue pairs in the stats{ctx}"
-        );
-        assert!(
-            q.iter().all(|&n| n > 0),
-            "a queue pair carried no TX traffic: {q:?}{ctx}"
-        );
+    assert_every_pair_carried(&s, "tx_packets", queues, &ctx);
+    s.finish(pmd);
+}
+
+/// With several queue pairs, each one must have carried traffic (`key`).
+fn assert_every_pair_carried(s: &Setup, key: &str, queues: usize, ctx: &str) {
+    if queues == 1 {
+        return;
     }
-    pmd.quit();
+    // The tap is multi-queue: the kernel spreads the flows by hash.
+    let q = per_queue(&s.vsnoop.log_text(), key);
+    eprintln!("{key} per queue pair: {q:?}");
     assert_eq!(
-        s.vsnoop.terminate(),
-        Some(0),
-        "vsnoop exit status{}",
-        s.context(&pmd)
+        q.len(),
+        queues,
+        "expected {queues} queue pairs in the stats{ctx}"
+    );
+    assert!(
+        q.iter().all(|&n| n > 0),
+        "a queue pair carried no traffic ({key}): {q:?}{ctx}"
     );
 }
 
@@ -523,27 +532,8 @@ fn rxonly_case(queues: usize, devargs: &str, extra: &[&str], n: u64, sizes: &str
         "vsnoop rx_bytes != bytes injected (truncated frames?){ctx}"
     );
     assert_no_drops(&after, &ctx);
-    if queues > 1 {
-        // The tap is multi-queue: the kernel spreads the 4096 flows by hash.
-        let q = per_queue(&s.vsnoop.log_text(), "rx_packets");
-        eprintln!("rx_packets per queue pair: {q:?}");
-        assert_eq!(
-            q.len(),
-            queues,
-            "expected {queues} queue pairs in the stats{ctx}"
-        );
-        assert!(
-            q.iter().all(|&n| n > 0),
-            "a queue pair carried no RX traffic: {q:?}{ctx}"
-        );
-    }
-    pmd.quit();
-    assert_eq!(
-        s.vsnoop.terminate(),
-        Some(0),
-        "vsnoop exit status{}",
-        s.context(&pmd)
-    );
+    assert_every_pair_carried(&s, "rx_packets", queues, &ctx);
+    s.finish(pmd);
 }
 
 /// macswap: N frames injected into the tap come back out of it, each one
@@ -593,13 +583,7 @@ fn macswap_case(queues: usize, devargs: &str, extra: &[&str], n: u64, sizes: &st
         "testpmd could not place echoes on the TX ring{ctx}"
     );
     assert_no_drops(&after, &ctx);
-    pmd.quit();
-    assert_eq!(
-        s.vsnoop.terminate(),
-        Some(0),
-        "vsnoop exit status{}",
-        s.context(&pmd)
-    );
+    s.finish(pmd);
 }
 
 const MRG: &str = "queues=1,mrg_rxbuf=1";
