@@ -19,7 +19,7 @@
 # end, also on failure. Only processes this script started are signalled.
 #
 # Usage: benches/dpdk-pps.sh [results-file]
-# Environment: BACKENDS="dpdk vsnoop"  DIRS="g2t t2g"  SIZES="64 1500 65280"
+# Environment: BACKENDS="dpdk vsnoop" (add vsnoop-capture for the capture overhead)  DIRS="g2t t2g"  SIZES="64 1500 65280"
 #              DURATION=5 (seconds measured)  WARMUP=2  VSNOOP=target/release/vsnoop
 #              REPEAT=3 (rounds; each round measures every backend once, back to
 #              back, and the table reports the median round per cell)
@@ -140,10 +140,16 @@ start_backend() { # backend size
             -- --forward-mode=io --auto-start --stats-period 1 --total-num-mbufs=32768
         wait_for 30 "DPDK vhost socket" test -S "$sock"
         ;;
-    vsnoop)
+    vsnoop | vsnoop-capture)
         [[ -x $VSNOOP ]] || die "$VSNOOP not built (cargo build --release)"
+        local capture=()
+        if [[ $backend == vsnoop-capture ]]; then
+            # pcapng capture at both vantage points, 128 bytes per frame
+            capture=(--capture "$WORK/capture.pcapng" --capture-snaplen 128)
+        fi
+        rm -f "$WORK/capture.pcapng"
         ip netns exec "$NS" env RUST_LOG=${RUST_LOG:-info} taskset -c 1 "$VSNOOP" \
-            --socket "$sock" --tap "$TAP" >"$WORK/vsnoop.out" 2>"$WORK/vsnoop.log" &
+            --socket "$sock" --tap "$TAP" "${capture[@]}" >"$WORK/vsnoop.out" 2>"$WORK/vsnoop.log" &
         echo $! >>"$PIDFILE"
         PID_V=$!
         wait_for 30 "vsnoop 'listening on'" grep -q "listening on" "$WORK/vsnoop.log"
@@ -157,7 +163,7 @@ start_backend() { # backend size
 backend_ready() { # backend
     case $1 in
     dpdk) grep -q "virtio is now ready for processing" "$WORK/B.log" ;;
-    vsnoop) grep -q "frontend connected" "$WORK/vsnoop.log" ;;
+    vsnoop | vsnoop-capture) grep -q "frontend connected" "$WORK/vsnoop.log" ;;
     esac
 }
 
@@ -226,7 +232,7 @@ run_case() { # backend dir size
         t1=$(awk -v a="$t0" -v d="$DURATION" 'BEGIN { printf "%.6f", a + d }')
     fi
     local extra=""
-    if [[ $backend == vsnoop ]]; then extra=$(vsnoop_stats); fi
+    if [[ $backend == vsnoop* ]]; then extra=$(vsnoop_stats); fi
     local tapinfo
     tapinfo="tap rx=$(nsread "$TAP" rx_packets) tx=$(nsread "$TAP" tx_packets) tx_dropped=$(nsread "$TAP" tx_dropped)"
     stop_all
@@ -311,6 +317,20 @@ dirname_of() { [[ $1 == g2t ]] && echo "guest->TAP" || echo "TAP->guest"; }
             echo "| $(dirname_of "$dir") | $size | $v | $vg | $d | $dg | $ratio |"
         done
     done
+    if [[ " $BACKENDS " == *" vsnoop-capture "* ]]; then
+        echo
+        echo "Capture overhead (\`--capture FILE --capture-snaplen 128\`, both vantage points):"
+        echo
+        echo "| direction | frame (B) | vsnoop Mpps | vsnoop + capture Mpps | capture/plain |"
+        echo "|---|---:|---:|---:|---:|"
+        for dir in $DIRS; do
+            for size in $SIZES; do
+                v=${MPPS[vsnoop,$dir,$size]:-n/m}; c=${MPPS[vsnoop-capture,$dir,$size]:-n/m}
+                ratio=$(awk -v v="$v" -v c="$c" 'BEGIN { if (v + 0 > 0 && c + 0 > 0) printf "%.2f", c / v; else print "-" }')
+                echo "| $(dirname_of "$dir") | $size | $v | $c | $ratio |"
+            done
+        done
+    fi
     echo
     echo "Rounds (Mpps/Gbit/s):"
     for key in "${!RUNS[@]}"; do echo "- $key: ${RUNS[$key]}"; done | sort

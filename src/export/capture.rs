@@ -30,7 +30,7 @@ use log::{info, warn};
 use pcap_file::pcapng::blocks::interface_description::{
     InterfaceDescriptionBlock, InterfaceDescriptionOption,
 };
-use pcap_file::pcapng::{PcapNgWriter, RawBlock};
+use pcap_file::pcapng::PcapNgWriter;
 use pcap_file::{DataLink, Endianness};
 
 use crate::timing::{now_ns, DataPathHook, PacketView, RxStamps, TxStamps};
@@ -48,7 +48,7 @@ const EPB_TYPE: u32 = 6;
 /// `epb_flags` option code.
 const OPT_FLAGS: u16 = 2;
 /// `epb_packetid` option code (pcap-file 2.0 cannot write it, so packet
-/// blocks are encoded here; the headers use the crate).
+/// blocks are encoded here; the section and interface blocks use the crate).
 const OPT_PACKET_ID: u16 = 5;
 /// Records waiting for the writer before new ones are dropped.
 const QUEUE_DEPTH: usize = 16 * 1024;
@@ -230,11 +230,14 @@ fn write_records(
     path: &str,
 ) {
     let mut failed = false;
+    let mut block = Vec::with_capacity(4096);
     while let Ok(message) = queue.recv() {
         match message {
             Message::Frame(record) if !failed => {
                 for (interface, ts, flags) in record.points {
-                    let body = epb_body(
+                    block.clear();
+                    encode_epb(
+                        &mut block,
                         interface,
                         ts,
                         record.original_len,
@@ -242,14 +245,9 @@ fn write_records(
                         flags,
                         record.id,
                     );
-                    let total = (body.len() + 12) as u32;
-                    let block = RawBlock {
-                        type_: EPB_TYPE,
-                        initial_len: total,
-                        body: Cow::Owned(body),
-                        trailer_len: total,
-                    };
-                    if let Err(e) = writer.write_raw_block(&block) {
+                    // Packet blocks go straight to the buffered file: the
+                    // section and interface blocks are already written.
+                    if let Err(e) = writer.get_mut().write_all(&block) {
                         warn!("capture {path}: write failed, capture stopped: {e}");
                         failed = true;
                         break;
@@ -271,34 +269,37 @@ fn write_records(
     let _ = writer.get_mut().flush();
 }
 
-/// The body of a little-endian Enhanced Packet Block with `epb_flags` and
-/// `epb_packetid` (pcapng draft, section 4.3).
-fn epb_body(
+/// Appends a little-endian Enhanced Packet Block with `epb_flags` and
+/// `epb_packetid` (pcapng, section 4.3) to `out`.
+fn encode_epb(
+    out: &mut Vec<u8>,
     interface: u32,
     ts_ns: u64,
     original_len: u32,
     data: &[u8],
     flags: u32,
     id: u64,
-) -> Vec<u8> {
+) {
     let padded = data.len().div_ceil(4) * 4;
-    let mut body = Vec::with_capacity(20 + padded + 8 + 12 + 4);
-    body.extend_from_slice(&interface.to_le_bytes());
-    body.extend_from_slice(&((ts_ns >> 32) as u32).to_le_bytes());
-    body.extend_from_slice(&(ts_ns as u32).to_le_bytes());
-    body.extend_from_slice(&(data.len() as u32).to_le_bytes());
-    body.extend_from_slice(&original_len.to_le_bytes());
-    body.extend_from_slice(data);
-    body.resize(20 + padded, 0);
-    body.extend_from_slice(&OPT_FLAGS.to_le_bytes());
-    body.extend_from_slice(&4u16.to_le_bytes());
-    body.extend_from_slice(&flags.to_le_bytes());
-    body.extend_from_slice(&OPT_PACKET_ID.to_le_bytes());
-    body.extend_from_slice(&8u16.to_le_bytes());
-    body.extend_from_slice(&id.to_le_bytes());
-    // opt_endofopt
-    body.extend_from_slice(&[0, 0, 0, 0]);
-    body
+    // type, length, 5 fixed fields, data, flags (8), packet id (12), end (4), length.
+    let total = (4 + 4 + 20 + padded + 8 + 12 + 4 + 4) as u32;
+    out.extend_from_slice(&EPB_TYPE.to_le_bytes());
+    out.extend_from_slice(&total.to_le_bytes());
+    out.extend_from_slice(&interface.to_le_bytes());
+    out.extend_from_slice(&((ts_ns >> 32) as u32).to_le_bytes());
+    out.extend_from_slice(&(ts_ns as u32).to_le_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    out.extend_from_slice(&original_len.to_le_bytes());
+    out.extend_from_slice(data);
+    out.resize(out.len() + padded - data.len(), 0);
+    out.extend_from_slice(&OPT_FLAGS.to_le_bytes());
+    out.extend_from_slice(&4u16.to_le_bytes());
+    out.extend_from_slice(&flags.to_le_bytes());
+    out.extend_from_slice(&OPT_PACKET_ID.to_le_bytes());
+    out.extend_from_slice(&8u16.to_le_bytes());
+    out.extend_from_slice(&id.to_le_bytes());
+    out.extend_from_slice(&[0, 0, 0, 0]); // opt_endofopt
+    out.extend_from_slice(&total.to_le_bytes());
 }
 
 #[cfg(test)]
