@@ -15,6 +15,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
+pub mod attribution;
 pub mod cli;
 pub mod config;
 pub mod daemon;
