@@ -1,33 +1,55 @@
 //! Command-line arguments (also the source of `--help`).
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::{Parser, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// vsnoop: a vhost-user virtio-net backend that moves a VM's packets to a
-/// TAP interface.
+/// TAP interface and tells where every millisecond of a round trip went.
 ///
 /// Start it, then point QEMU at the socket:
-///   vsnoop --socket /tmp/vsnoop.sock --tap vsnoop0
+///   vsnoop --socket /tmp/vsnoop.sock --tap vsnoop0 --control /tmp/vsnoop.ctl
 ///   qemu-system-x86_64 ... -object memory-backend-memfd,id=mem,size=1G,share=on
 ///     -numa node,memdev=mem -chardev socket,id=c0,path=/tmp/vsnoop.sock
 ///     -netdev vhost-user,id=n0,chardev=c0 -device virtio-net-pci,netdev=n0
 ///
 /// The daemon serves one VMM connection at a time and keeps running across
 /// guest shutdowns and VMM restarts. SIGUSR1 prints the counters; SIGINT and
-/// SIGTERM print them and exit.
+/// SIGTERM print them and exit. The subcommands talk to a running daemon
+/// through its --control socket, or analyse a capture offline.
 #[derive(Debug, Parser)]
-#[command(name = "vsnoop", version, about, long_about, verbatim_doc_comment)]
+#[command(
+    name = "vsnoop",
+    version,
+    about,
+    long_about,
+    verbatim_doc_comment,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 pub struct Cli {
+    /// Client subcommand; without one, vsnoop runs the backend.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// Backend options.
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+}
+
+/// Options of the backend daemon.
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
     /// vhost-user unix socket: vsnoop listens there (QEMU connects as a
     /// client), or with --client connects to a VMM listening there.
-    #[arg(long, value_name = "PATH")]
-    pub socket: PathBuf,
+    #[arg(long, value_name = "PATH", required = true)]
+    pub socket: Option<PathBuf>,
 
     /// TAP interface to attach to; created if missing. vsnoop does not
     /// configure addresses on it.
-    #[arg(long, value_name = "NAME")]
-    pub tap: String,
+    #[arg(long, value_name = "NAME", required = true)]
+    pub tap: Option<String>,
 
     /// Number of queue pairs (one worker thread and one tap queue each).
     #[arg(long, value_name = "N", default_value_t = 1)]
@@ -52,10 +74,134 @@ pub struct Cli {
     #[arg(long, value_name = "BYTES", default_value_t = 262_144)]
     pub capture_snaplen: usize,
 
+    /// Record only frames matching this filter: a comma-separated list of
+    /// `host ADDR`, `net ADDR/PREFIX`, `port N` and `proto tcp|udp|icmp`
+    /// terms; a frame is kept when it matches any term.
+    #[arg(long, value_name = "FILTER")]
+    pub capture_filter: Option<String>,
+
+    /// Start a new capture file when the current one reaches this many
+    /// megabytes (FILE.pcapng becomes FILE.1.pcapng, and so on).
+    #[arg(long, value_name = "MB")]
+    pub capture_max_mb: Option<u64>,
+
+    /// Capture files kept when rotating (oldest removed).
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub capture_files: usize,
+
+    /// Unix socket for the control API (JSON): `vsnoop stats`, `flows`,
+    /// `top`, `ack-offload` and `capture` talk to it.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+
+    /// Serve Prometheus / OpenMetrics text on http://ADDR/metrics
+    /// (e.g. 127.0.0.1:9400).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
+
+    /// Flows the delay attribution tracks at most.
+    #[arg(long, value_name = "N", default_value_t = 16_384)]
+    pub max_flows: usize,
+
+    /// ACK compression: ACKs in a row that make a compression event.
+    #[arg(long, value_name = "K", default_value_t = 3)]
+    pub compression_k: u32,
+
+    /// ACK compression: largest spacing ratio counted as compressed.
+    #[arg(long, value_name = "THETA", default_value_t = 0.75)]
+    pub compression_theta: f64,
+
     /// Acknowledge TCP data on the guest's behalf (not implemented yet:
     /// accepted so scripts can pass it; it has no effect).
     #[arg(long, value_enum, value_name = "on|off", default_value_t = Switch::Off)]
     pub ack_offload: Switch,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print the counters and the delay attribution of a running daemon.
+    Stats {
+        /// The daemon's --control socket.
+        #[arg(long, value_name = "PATH")]
+        control: PathBuf,
+        /// Print the whole snapshot as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the per-flow delay table of a running daemon.
+    Flows {
+        /// The daemon's --control socket.
+        #[arg(long, value_name = "PATH")]
+        control: PathBuf,
+        /// Print the flows as a JSON array.
+        #[arg(long)]
+        json: bool,
+        /// Show at most this many flows (most packets first).
+        #[arg(long, value_name = "N", default_value_t = 50)]
+        limit: usize,
+    },
+    /// Live terminal view of a running daemon (q or Ctrl-C to quit).
+    Top {
+        /// The daemon's --control socket.
+        #[arg(long, value_name = "PATH")]
+        control: PathBuf,
+        /// Seconds between refreshes.
+        #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
+        interval: f64,
+    },
+    /// Switch the ACK offload of a running daemon.
+    AckOffload {
+        /// The daemon's --control socket.
+        #[arg(long, value_name = "PATH")]
+        control: PathBuf,
+        /// New state.
+        #[arg(value_enum, value_name = "on|off")]
+        state: Switch,
+    },
+    /// Start, stop or query the capture of a running daemon.
+    Capture {
+        /// The daemon's --control socket.
+        #[arg(long, value_name = "PATH")]
+        control: PathBuf,
+        /// What to do.
+        #[command(subcommand)]
+        action: CaptureAction,
+    },
+    /// Analyse a vsnoop capture offline: delay attribution, ACK compression
+    /// and plots (SVG) in DIR.
+    Report {
+        /// A capture written by `vsnoop --capture`.
+        #[arg(value_name = "FILE.pcapng")]
+        file: PathBuf,
+        /// Output directory (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// ACK compression: ACKs in a row that make a compression event.
+        #[arg(long, value_name = "K", default_value_t = 3)]
+        compression_k: u32,
+        /// ACK compression: largest spacing ratio counted as compressed.
+        #[arg(long, value_name = "THETA", default_value_t = 0.75)]
+        compression_theta: f64,
+    },
+}
+
+/// Capture actions.
+#[derive(Debug, Subcommand)]
+pub enum CaptureAction {
+    /// Start capturing to FILE (replaces a running capture).
+    Start {
+        /// pcapng file to write.
+        #[arg(value_name = "FILE.pcapng")]
+        file: PathBuf,
+        /// Bytes of each frame kept (64..=262144).
+        #[arg(long, value_name = "BYTES", default_value_t = 262_144)]
+        snaplen: usize,
+    },
+    /// Stop the running capture and close its file.
+    Stop,
+    /// Show the running capture, if any.
+    Status,
 }
 
 /// An on/off switch.
@@ -94,10 +240,12 @@ mod tests {
             "on",
         ])
         .unwrap();
-        assert_eq!(cli.queues, 2);
-        assert_eq!(cli.queue_size, 256);
-        assert!(cli.client);
-        assert_eq!(cli.ack_offload, Switch::On);
+        assert!(cli.command.is_none());
+        let d = cli.daemon;
+        assert_eq!(d.queues, 2);
+        assert_eq!(d.queue_size, 256);
+        assert!(d.client);
+        assert_eq!(d.ack_offload, Switch::On);
         assert!(Cli::try_parse_from([
             "vsnoop",
             "--socket",
@@ -109,5 +257,27 @@ mod tests {
         ])
         .is_err());
         assert!(Cli::try_parse_from(["vsnoop", "--tap", "t"]).is_err());
+    }
+
+    #[test]
+    fn subcommands_do_not_need_the_daemon_options() {
+        let cli = Cli::try_parse_from(["vsnoop", "stats", "--control", "/c", "--json"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Stats { json: true, .. })
+        ));
+        let cli = Cli::try_parse_from(["vsnoop", "report", "x.pcapng", "--out", "d"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Report { .. })));
+        let cli =
+            Cli::try_parse_from(["vsnoop", "capture", "--control", "/c", "start", "f"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Capture {
+                action: CaptureAction::Start { .. },
+                ..
+            })
+        ));
+        // Daemon options and a subcommand do not mix.
+        assert!(Cli::try_parse_from(["vsnoop", "--tap", "t", "stats", "--control", "/c"]).is_err());
     }
 }

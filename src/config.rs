@@ -1,8 +1,10 @@
 //! Validated configuration.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use crate::cli::{Cli, Switch};
+use crate::attribution::{AttributionConfig, ShapeConfig};
+use crate::cli::{DaemonArgs, Switch};
 
 /// Largest number of queue pairs (the vhost-user queue masks are 64 bits).
 pub const MAX_QUEUE_PAIRS: usize = 16;
@@ -25,10 +27,22 @@ pub enum ConfigError {
     /// --capture-snaplen out of range.
     #[error("--capture-snaplen must be between 64 and 262144, got {0}")]
     Snaplen(usize),
+    /// --tap missing.
+    #[error("--tap is required")]
+    Tap,
+    /// --capture-max-mb or --capture-files out of range.
+    #[error("--capture-max-mb must be at least 1 and --capture-files at least 1")]
+    Rotation,
+    /// --max-flows out of range.
+    #[error("--max-flows must be between 1 and 1000000, got {0}")]
+    MaxFlows(usize),
+    /// --compression-k / --compression-theta out of range.
+    #[error("--compression-k must be at least 2 and --compression-theta between 0 and 1")]
+    Compression,
 }
 
 /// Everything the daemon needs, checked.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// vhost-user socket path.
     pub socket: PathBuf,
@@ -46,42 +60,78 @@ pub struct Config {
     pub capture: Option<PathBuf>,
     /// Bytes kept per captured frame.
     pub capture_snaplen: usize,
+    /// Capture filter expression, if any.
+    pub capture_filter: Option<String>,
+    /// Rotate the capture file at this size (bytes).
+    pub capture_max_bytes: Option<u64>,
+    /// Capture files kept when rotating.
+    pub capture_files: usize,
+    /// Control socket path.
+    pub control: Option<PathBuf>,
+    /// Prometheus endpoint address.
+    pub metrics: Option<SocketAddr>,
+    /// Delay attribution limits and parameters.
+    pub attribution: AttributionConfig,
 }
 
-impl TryFrom<Cli> for Config {
+impl TryFrom<DaemonArgs> for Config {
     type Error = ConfigError;
 
-    fn try_from(cli: Cli) -> Result<Self, Self::Error> {
+    fn try_from(cli: DaemonArgs) -> Result<Self, Self::Error> {
+        let socket = cli.socket.ok_or(ConfigError::Socket)?;
+        let tap = cli.tap.ok_or(ConfigError::Tap)?;
         if cli.queues == 0 || cli.queues > MAX_QUEUE_PAIRS {
             return Err(ConfigError::QueuePairs(cli.queues));
         }
         if !cli.queue_size.is_power_of_two() || !(64..=32768).contains(&cli.queue_size) {
             return Err(ConfigError::QueueSize(cli.queue_size));
         }
-        if cli.tap.is_empty()
-            || cli.tap.len() > 15
-            || cli
-                .tap
+        if tap.is_empty()
+            || tap.len() > 15
+            || tap
                 .bytes()
                 .any(|b| b == b'/' || b.is_ascii_whitespace() || b == 0)
         {
-            return Err(ConfigError::TapName(cli.tap));
+            return Err(ConfigError::TapName(tap));
         }
-        if cli.socket.as_os_str().is_empty() {
+        if socket.as_os_str().is_empty() {
             return Err(ConfigError::Socket);
         }
         if !(64..=262_144).contains(&cli.capture_snaplen) {
             return Err(ConfigError::Snaplen(cli.capture_snaplen));
         }
+        if cli.capture_max_mb == Some(0) || cli.capture_files == 0 {
+            return Err(ConfigError::Rotation);
+        }
+        if cli.max_flows == 0 || cli.max_flows > 1_000_000 {
+            return Err(ConfigError::MaxFlows(cli.max_flows));
+        }
+        if cli.compression_k < 2 || !(cli.compression_theta > 0.0 && cli.compression_theta < 1.0) {
+            return Err(ConfigError::Compression);
+        }
         Ok(Config {
-            socket: cli.socket,
+            socket,
             client: cli.client,
-            tap: cli.tap,
+            tap,
             queue_pairs: cli.queues,
             queue_size: cli.queue_size,
             ack_offload: cli.ack_offload == Switch::On,
             capture: cli.capture,
             capture_snaplen: cli.capture_snaplen,
+            capture_filter: cli.capture_filter,
+            capture_max_bytes: cli.capture_max_mb.map(|mb| mb * 1024 * 1024),
+            capture_files: cli.capture_files,
+            control: cli.control,
+            metrics: cli.metrics,
+            attribution: AttributionConfig {
+                max_flows: cli.max_flows,
+                shape: ShapeConfig {
+                    k: cli.compression_k,
+                    theta: cli.compression_theta,
+                    ..ShapeConfig::default()
+                },
+                ..AttributionConfig::default()
+            },
         })
     }
 }
@@ -89,12 +139,13 @@ impl TryFrom<Cli> for Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cli::Cli;
     use clap::Parser;
 
     fn parse(extra: &[&str]) -> Result<Config, ConfigError> {
         let mut args = vec!["vsnoop", "--socket", "/tmp/s", "--tap", "tap0"];
         args.extend_from_slice(extra);
-        Config::try_from(Cli::try_parse_from(args).unwrap())
+        Config::try_from(Cli::try_parse_from(args).unwrap().daemon)
     }
 
     #[test]
@@ -130,7 +181,7 @@ mod tests {
         let cli = Cli::try_parse_from(["vsnoop", "--socket", "/s", "--tap", "much-too-long-name"])
             .unwrap();
         assert!(matches!(
-            Config::try_from(cli),
+            Config::try_from(cli.daemon),
             Err(ConfigError::TapName(_))
         ));
     }

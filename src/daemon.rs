@@ -16,11 +16,16 @@ use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
+
+use crate::attribution::hook::AttributionHook;
 use crate::config::Config;
-use crate::export::capture::Capture;
-use crate::metrics::{format_report, QueueMetrics};
+use crate::export::capture::CaptureSlot;
+use crate::metrics::format_report;
 use crate::port::Tap;
-use crate::timing::DataPathHook;
+use crate::state::Shared;
+use crate::timing::{DataPathHook, HookChain};
 use crate::vhost_user::shim::Relay;
 use crate::vhost_user::{tap_event_id, NetBackend};
 
@@ -35,16 +40,43 @@ pub fn run(config: Config) -> Result<()> {
     } else {
         Some(bind_server_socket(&config.socket)?)
     };
-    let capture = match &config.capture {
-        Some(path) => Some(Arc::new(Capture::start(path, config.capture_snaplen)?)),
-        None => None,
-    };
-    let hook = capture.clone().map(|c| c as Arc<dyn DataPathHook>);
+    let capture = Arc::new(CaptureSlot::new());
+    if let Some(path) = &config.capture {
+        capture.start(path, config.capture_snaplen)?;
+    }
+    let attribution =
+        cfg!(feature = "timing").then(|| Arc::new(AttributionHook::new(config.attribution)));
+    let mut hooks: Vec<Arc<dyn DataPathHook>> = Vec::new();
+    if let Some(a) = &attribution {
+        hooks.push(a.clone());
+        hooks.push(capture.clone());
+    } else if config.capture.is_some() || config.control.is_some() {
+        warn!("built without the `timing` feature: no timestamps, attribution or capture");
+    }
+    let hook = (!hooks.is_empty()).then(|| Arc::new(HookChain(hooks)) as Arc<dyn DataPathHook>);
     let backend = NetBackend::new(tap, config.queue_size, hook);
-    install_signal_handlers(
-        backend.metrics().to_vec(),
-        listener.as_ref().map(|_| config.socket.clone()),
+    let shared = Arc::new(Shared {
+        started: Instant::now(),
+        tap: backend.tap().name().to_string(),
+        queues: backend.metrics().to_vec(),
+        attribution,
         capture,
+        ack_offload: AtomicBool::new(config.ack_offload),
+        connections: AtomicU64::new(0),
+        connected: AtomicBool::new(false),
+    });
+    if let Some(path) = &config.control {
+        crate::export::control::start(path, shared.clone())?;
+        info!("control socket on {}", path.display());
+    }
+    if let Some(addr) = config.metrics {
+        crate::export::prometheus::start(addr, shared.clone())?;
+        info!("metrics on http://{addr}/metrics");
+    }
+    install_signal_handlers(
+        shared.clone(),
+        listener.as_ref().map(|_| config.socket.clone()),
+        config.control.clone(),
     )?;
     info!(
         "tap {} attached with {} queue pair(s)",
@@ -63,9 +95,12 @@ pub fn run(config: Config) -> Result<()> {
         };
         generation += 1;
         info!("frontend connected (connection {generation})");
+        shared.connections.store(generation, Ordering::Relaxed);
+        shared.connected.store(true, Ordering::Relaxed);
         if let Err(e) = serve_connection(&backend, frontend, generation) {
             warn!("connection {generation} ended with an error: {e:#}");
         }
+        shared.connected.store(false, Ordering::Relaxed);
         info!("frontend disconnected; waiting for the next connection");
         eprint!("{}", format_report(backend.metrics()));
     }
@@ -170,9 +205,9 @@ fn connect_with_retry(path: &Path) -> UnixStream {
 }
 
 fn install_signal_handlers(
-    metrics: Vec<Arc<QueueMetrics>>,
+    shared: Arc<Shared>,
     socket: Option<PathBuf>,
-    capture: Option<Arc<Capture>>,
+    control: Option<PathBuf>,
 ) -> Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR1])
@@ -181,13 +216,11 @@ fn install_signal_handlers(
         .name("vsnoop-signals".into())
         .spawn(move || {
             for signal in signals.forever() {
-                eprint!("{}", format_report(&metrics));
-                if let Some(capture) = &capture {
-                    // SIGUSR1 also makes the capture file complete up to now.
-                    capture.flush();
-                }
+                eprint!("{}", format_report(&shared.queues));
+                // SIGUSR1 also makes the capture file complete up to now.
+                shared.capture.flush();
                 if signal != SIGUSR1 {
-                    if let Some(path) = &socket {
+                    for path in socket.iter().chain(control.iter()) {
                         let _ = fs::remove_file(path);
                     }
                     info!("exiting on signal {signal}");

@@ -17,11 +17,13 @@
 
 pub mod attribution;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod export;
 pub mod metrics;
 pub mod net;
 pub mod port;
+pub mod state;
 pub mod timing;
 pub mod vhost_user;

@@ -22,7 +22,7 @@ use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -89,7 +89,7 @@ pub struct Capture {
     queue: SyncSender<Message>,
     next_id: AtomicU64,
     dropped: AtomicU64,
-    written: std::sync::Arc<AtomicU64>,
+    written: Arc<AtomicU64>,
     /// Wall clock minus CLOCK_MONOTONIC, in ns.
     clock_offset: u64,
     writer: Mutex<Option<JoinHandle<()>>>,
@@ -126,7 +126,7 @@ impl Capture {
                 .map_err(|e| CaptureError::Header(path.to_path_buf(), e.to_string()))?;
         }
         let (queue, rx) = mpsc::sync_channel(QUEUE_DEPTH);
-        let written = std::sync::Arc::new(AtomicU64::new(0));
+        let written = Arc::new(AtomicU64::new(0));
         let counter = written.clone();
         let display = path.display().to_string();
         let handle = thread::Builder::new()
@@ -158,6 +158,16 @@ impl Capture {
     /// Frames dropped because the writer could not keep up.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Path, snaplen and counters.
+    pub fn status(&self) -> CaptureStatus {
+        CaptureStatus {
+            path: self.path.clone(),
+            snaplen: self.snaplen,
+            frames: self.written(),
+            dropped: self.dropped(),
+        }
     }
 
     /// Writes out everything queued so far and flushes the file (waits up
@@ -220,6 +230,101 @@ impl DataPathHook for Capture {
                 (HOST_INTERFACE, stamps.host_out, FLAG_OUTBOUND),
             ],
         );
+    }
+}
+
+/// What a capture reports about itself.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CaptureStatus {
+    /// The file being written.
+    pub path: PathBuf,
+    /// Bytes kept per frame.
+    pub snaplen: usize,
+    /// Frames recorded (each at both vantage points).
+    pub frames: u64,
+    /// Frames not recorded because the writer could not keep up.
+    pub dropped: u64,
+}
+
+/// The capture that can be started and stopped while the daemon runs; the
+/// data path hook always points here.
+pub struct CaptureSlot {
+    current: RwLock<Option<Arc<Capture>>>,
+}
+
+impl Default for CaptureSlot {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CaptureSlot {
+    /// An empty slot (no capture running).
+    pub fn new() -> Self {
+        CaptureSlot {
+            current: RwLock::new(None),
+        }
+    }
+
+    fn current(&self) -> Option<Arc<Capture>> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Starts capturing to `path`; a running capture is stopped first.
+    pub fn start(&self, path: &Path, snaplen: usize) -> Result<CaptureStatus, CaptureError> {
+        let capture = Arc::new(Capture::start(path, snaplen)?);
+        let status = capture.status();
+        let old = self
+            .current
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace(capture);
+        if let Some(old) = old {
+            old.flush();
+        }
+        Ok(status)
+    }
+
+    /// Stops the running capture (its file is complete when this returns).
+    pub fn stop(&self) -> Option<CaptureStatus> {
+        let old = self
+            .current
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()?;
+        old.flush();
+        Some(old.status())
+    }
+
+    /// The running capture, if any.
+    pub fn status(&self) -> Option<CaptureStatus> {
+        self.current().map(|c| c.status())
+    }
+
+    /// Makes the file complete up to now.
+    pub fn flush(&self) {
+        if let Some(c) = self.current() {
+            c.flush();
+        }
+    }
+}
+
+impl DataPathHook for CaptureSlot {
+    fn rx_published(&self, queue_pair: usize, packet: &PacketView<'_>, stamps: RxStamps) {
+        let guard = self.current.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = guard.as_ref() {
+            c.rx_published(queue_pair, packet, stamps);
+        }
+    }
+
+    fn tx_sent(&self, queue_pair: usize, packet: &PacketView<'_>, stamps: TxStamps) {
+        let guard = self.current.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = guard.as_ref() {
+            c.tx_sent(queue_pair, packet, stamps);
+        }
     }
 }
 

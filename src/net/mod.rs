@@ -55,8 +55,9 @@ pub struct QueuePair {
     pub rx: RxState,
     /// TX-side state.
     pub tx: TxState,
-    /// Per-packet hook (timestamps, ACK offload), if any.
-    pub hook: Option<Arc<dyn DataPathHook>>,
+    /// Per-packet hook (timestamps, ACK offload), if any; read it through
+    /// [`QueuePair::hook`].
+    hook: Option<Arc<dyn DataPathHook>>,
     /// Whether this pair's tap queue is attached (multi-queue taps).
     pub tap_attached: bool,
 }
@@ -80,6 +81,17 @@ impl QueuePair {
             tx: TxState::new(),
             hook,
             tap_attached: index == 0,
+        }
+    }
+
+    /// The per-packet hook. Without the `timing` feature this is always
+    /// `None`, so the compiler removes every timestamp and hook call.
+    #[inline(always)]
+    pub fn hook(&self) -> Option<&Arc<dyn DataPathHook>> {
+        if cfg!(feature = "timing") {
+            self.hook.as_ref()
+        } else {
+            None
         }
     }
 

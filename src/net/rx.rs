@@ -336,7 +336,7 @@ impl QueuePair {
 
     /// Timestamp for a hook, or 0 when no hook wants one.
     fn stamp(&self) -> u64 {
-        if self.hook.is_some() {
+        if self.hook().is_some() {
             now_ns()
         } else {
             0
@@ -370,7 +370,7 @@ impl QueuePair {
                 );
             }
         }
-        let hook = self.hook.clone();
+        let hook = self.hook().cloned();
         let mut remaining = len;
         self.rx.entries.clear();
         self.rx.hook_segments.clear();

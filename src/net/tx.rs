@@ -48,7 +48,7 @@ impl QueuePair {
         if !state.get_queue().ready() || !state.is_enabled() {
             return;
         }
-        let kick = if self.hook.is_some() { now_ns() } else { 0 };
+        let kick = if self.hook().is_some() { now_ns() } else { 0 };
         let mut heads = [0u16; BATCH];
         loop {
             // Suppress kicks while we are draining the ring anyway.
@@ -63,7 +63,7 @@ impl QueuePair {
                         };
                         heads[taken] = chain.head_index();
                         taken += 1;
-                        let pop = if self.hook.is_some() { now_ns() } else { 0 };
+                        let pop = if self.hook().is_some() { now_ns() } else { 0 };
                         self.tx.iov.0.clear();
                         let collected = collect_segments(
                             chain,
@@ -163,7 +163,7 @@ impl QueuePair {
             Ok(Some(_)) => {
                 QueueMetrics::inc(&m.tx_packets);
                 QueueMetrics::add(&m.tx_bytes, (total - hdr_len) as u64);
-                if let Some(hook) = self.hook.clone() {
+                if let Some(hook) = self.hook().cloned() {
                     stamps.host_out = now_ns();
                     let view = PacketView {
                         mem,

@@ -75,6 +75,23 @@ pub trait DataPathHook: Send + Sync {
     fn tx_sent(&self, queue_pair: usize, packet: &PacketView<'_>, stamps: TxStamps);
 }
 
+/// Several hooks called in order for every packet.
+pub struct HookChain(pub Vec<std::sync::Arc<dyn DataPathHook>>);
+
+impl DataPathHook for HookChain {
+    fn rx_published(&self, queue_pair: usize, packet: &PacketView<'_>, stamps: RxStamps) {
+        for hook in &self.0 {
+            hook.rx_published(queue_pair, packet, stamps);
+        }
+    }
+
+    fn tx_sent(&self, queue_pair: usize, packet: &PacketView<'_>, stamps: TxStamps) {
+        for hook in &self.0 {
+            hook.tx_sent(queue_pair, packet, stamps);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
