@@ -180,7 +180,7 @@ impl RequestMatcher {
     pub fn response(&mut self, key: u16) -> Option<Crossing> {
         let index = self.pending.iter().position(|&(k, _)| k == key)?;
         // Requests before it were never answered.
-        let (_, at) = self.pending.drain(..=index).last()?;
+        let (_, at) = self.pending.drain(..=index).next_back()?;
         Some(at)
     }
 }
