@@ -19,8 +19,12 @@
 # end, also on failure. Only processes this script started are signalled.
 #
 # Usage: benches/dpdk-pps.sh [results-file]
-# Environment: BACKENDS="dpdk vsnoop" (add vsnoop-capture for the capture overhead)  DIRS="g2t t2g"  SIZES="64 1500 65280"
+# Environment: BACKENDS="dpdk vsnoop" (add vsnoop-capture for the capture overhead,
+#              vsnoop-notiming for the cost of timestamps and attribution: a build
+#              with `--no-default-features`, made on first use in target/notiming)
+#              DIRS="g2t t2g"  SIZES="64 1500 65280"
 #              DURATION=5 (seconds measured)  WARMUP=2  VSNOOP=target/release/vsnoop
+#              VSNOOP_NOTIMING=target/notiming/release/vsnoop
 #              REPEAT=3 (rounds; each round measures every backend once, back to
 #              back, and the table reports the median round per cell)
 set -euo pipefail
@@ -33,6 +37,7 @@ DURATION=${DURATION:-5}
 REPEAT=${REPEAT:-3}
 WARMUP=${WARMUP:-2}
 VSNOOP=${VSNOOP:-$ROOT/target/release/vsnoop}
+VSNOOP_NOTIMING=${VSNOOP_NOTIMING:-$ROOT/target/notiming/release/vsnoop}
 RESULTS=${1:-$ROOT/target/bench-results/dpdk-pps-$(date +%Y%m%d-%H%M%S).md}
 TAG="vsb$$"
 WORK=$(mktemp -d "/tmp/vsnoop-dpdk-pps.XXXXXX")
@@ -140,15 +145,16 @@ start_backend() { # backend size
             -- --forward-mode=io --auto-start --stats-period 1 --total-num-mbufs=32768
         wait_for 30 "DPDK vhost socket" test -S "$sock"
         ;;
-    vsnoop | vsnoop-capture)
-        [[ -x $VSNOOP ]] || die "$VSNOOP not built (cargo build --release)"
-        local capture=()
+    vsnoop | vsnoop-capture | vsnoop-notiming)
+        local bin=$VSNOOP capture=()
+        [[ $backend == vsnoop-notiming ]] && bin=$VSNOOP_NOTIMING
+        [[ -x $bin ]] || die "$bin not built (cargo build --release)"
         if [[ $backend == vsnoop-capture ]]; then
             # pcapng capture at both vantage points, 128 bytes per frame
             capture=(--capture "$WORK/capture.pcapng" --capture-snaplen 128)
         fi
         rm -f "$WORK/capture.pcapng"
-        ip netns exec "$NS" env RUST_LOG=${RUST_LOG:-info} taskset -c 1 "$VSNOOP" \
+        ip netns exec "$NS" env RUST_LOG=${RUST_LOG:-info} taskset -c 1 "$bin" \
             --socket "$sock" --tap "$TAP" "${capture[@]}" >"$WORK/vsnoop.out" 2>"$WORK/vsnoop.log" &
         echo $! >>"$PIDFILE"
         PID_V=$!
@@ -163,7 +169,7 @@ start_backend() { # backend size
 backend_ready() { # backend
     case $1 in
     dpdk) grep -q "virtio is now ready for processing" "$WORK/B.log" ;;
-    vsnoop | vsnoop-capture) grep -q "frontend connected" "$WORK/vsnoop.log" ;;
+    vsnoop*) grep -q "frontend connected" "$WORK/vsnoop.log" ;;
     esac
 }
 
@@ -246,6 +252,10 @@ run_case() { # backend dir size
 }
 
 mkdir -p "$(dirname "$RESULTS")"
+if [[ " $BACKENDS " == *" vsnoop-notiming "* && ! -x $VSNOOP_NOTIMING ]]; then
+    log "building vsnoop without the timing feature into target/notiming"
+    (cd "$ROOT" && cargo build --release --no-default-features --target-dir target/notiming) >&2
+fi
 declare -A MPPS GBPS RUNS FAILED
 
 median() { tr ' ' '\n' | sed '/^$/d' | sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)] }'; }
@@ -304,6 +314,25 @@ for dir in $DIRS; do
 done
 
 dirname_of() { [[ $1 == g2t ]] && echo "guest->TAP" || echo "TAP->guest"; }
+
+# overhead_table WITH WITHOUT TITLE: the packet rate with a feature (backend
+# WITH) over the rate without it (backend WITHOUT), when both were measured.
+overhead_table() {
+    local with=$1 without=$2 title=$3 dir size w o ratio
+    [[ " $BACKENDS " == *" $with "* && " $BACKENDS " == *" $without "* ]] || return 0
+    echo
+    echo "$title:"
+    echo
+    echo "| direction | frame (B) | $without Mpps | $with Mpps | with/without |"
+    echo "|---|---:|---:|---:|---:|"
+    for dir in $DIRS; do
+        for size in $SIZES; do
+            w=${MPPS[$with,$dir,$size]:-n/m}; o=${MPPS[$without,$dir,$size]:-n/m}
+            ratio=$(awk -v w="$w" -v o="$o" 'BEGIN { if (w + 0 > 0 && o + 0 > 0) printf "%.3f", w / o; else print "-" }')
+            echo "| $(dirname_of "$dir") | $size | $o | $w | $ratio |"
+        done
+    done
+}
 {
     echo "### dpdk-pps: $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs, $(uname -r), window ${DURATION}s, median of $REPEAT rounds"
     echo
@@ -317,20 +346,8 @@ dirname_of() { [[ $1 == g2t ]] && echo "guest->TAP" || echo "TAP->guest"; }
             echo "| $(dirname_of "$dir") | $size | $v | $vg | $d | $dg | $ratio |"
         done
     done
-    if [[ " $BACKENDS " == *" vsnoop-capture "* ]]; then
-        echo
-        echo "Capture overhead (\`--capture FILE --capture-snaplen 128\`, both vantage points):"
-        echo
-        echo "| direction | frame (B) | vsnoop Mpps | vsnoop + capture Mpps | capture/plain |"
-        echo "|---|---:|---:|---:|---:|"
-        for dir in $DIRS; do
-            for size in $SIZES; do
-                v=${MPPS[vsnoop,$dir,$size]:-n/m}; c=${MPPS[vsnoop-capture,$dir,$size]:-n/m}
-                ratio=$(awk -v v="$v" -v c="$c" 'BEGIN { if (v + 0 > 0 && c + 0 > 0) printf "%.2f", c / v; else print "-" }')
-                echo "| $(dirname_of "$dir") | $size | $v | $c | $ratio |"
-            done
-        done
-    fi
+    overhead_table vsnoop-capture vsnoop "Capture overhead (\`--capture FILE --capture-snaplen 128\`, both vantage points)"
+    overhead_table vsnoop vsnoop-notiming "Timing overhead (default build, timestamps and attribution on, vs \`--no-default-features\`: compiled out)"
     echo
     echo "Rounds (Mpps/Gbit/s):"
     for key in "${!RUNS[@]}"; do echo "- $key: ${RUNS[$key]}"; done | sort
