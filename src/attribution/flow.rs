@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 
 use super::matcher::{serial_lt, Crossing, RequestMatcher, SeqMatcher, TsMatcher};
-use super::packet::{flags, TcpMeta};
+use super::packet::{flags, PacketMeta, TcpMeta, Transport};
 use super::shape::{AckStats, AckTracker, BurstStats, BurstTracker, Dist, ShapeConfig};
 use super::snapshot::{DelaySummary, DirectionBurstiness, TrafficShape};
 
@@ -44,7 +44,7 @@ impl Proto {
 
 /// A flow, oriented by the guest: (guest end, remote end). ICMP echo flows
 /// use the echo identifier as the guest port and 0 as the remote port.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowKey {
     /// Protocol.
     pub proto: Proto,
@@ -56,6 +56,24 @@ pub struct FlowKey {
     pub remote: IpAddr,
     /// Remote port.
     pub remote_port: u16,
+}
+
+impl std::hash::Hash for FlowKey {
+    // Three words instead of field by field: the flow lookup runs for every
+    // frame.
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let bits = |a: IpAddr| match a {
+            IpAddr::V4(v4) => u128::from(u32::from(v4)),
+            IpAddr::V6(v6) => u128::from(v6) ^ (1 << 127),
+        };
+        state.write_u128(bits(self.guest));
+        state.write_u128(bits(self.remote));
+        state.write_u64(
+            u64::from(self.guest_port)
+                | u64::from(self.remote_port) << 16
+                | (self.proto as u64) << 32,
+        );
+    }
 }
 
 /// The delay components, as histograms in nanoseconds.
@@ -325,6 +343,35 @@ pub enum FlowState {
     Tcp(Box<TcpFlow>),
     /// ICMP echo or UDP.
     Request(RequestFlow),
+}
+
+impl Flow {
+    /// A new flow whose first frame is `meta`, seen at `t` going `direction`.
+    pub fn new(id: u64, direction: Direction, meta: &PacketMeta, t: u64) -> Flow {
+        let (state, initiator) = match meta.transport {
+            Transport::Tcp { tcp, .. } => {
+                // A SYN-ACK's sender is the responder.
+                let syn_ack = tcp.flags & flags::SYN != 0 && tcp.flags & flags::ACK != 0;
+                let initiator = match (direction, syn_ack) {
+                    (d, false) => d,
+                    (Direction::ToGuest, true) => Direction::FromGuest,
+                    (Direction::FromGuest, true) => Direction::ToGuest,
+                };
+                (FlowState::Tcp(Box::default()), initiator)
+            }
+            _ => (FlowState::Request(RequestFlow::default()), direction),
+        };
+        Flow {
+            id,
+            initiator,
+            first_seen: t,
+            last_seen: t,
+            to_guest: (0, 0),
+            from_guest: (0, 0),
+            delays: Delays::default(),
+            state,
+        }
+    }
 }
 
 /// One tracked flow.

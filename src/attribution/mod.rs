@@ -30,9 +30,11 @@ pub mod packet;
 pub mod shape;
 pub mod snapshot;
 
-use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 
-use flow::{Delays, Direction, Flow, FlowKey, FlowState, Proto, RequestFlow, Sample, ShapeTotals};
+use ahash::AHashMap;
+
+use flow::{Delays, Direction, Flow, FlowKey, FlowState, Proto, Sample, ShapeTotals};
 use matcher::Crossing;
 use packet::{PacketMeta, Transport};
 pub use shape::ShapeConfig;
@@ -120,7 +122,8 @@ pub struct Attributor {
 /// The bounded flow table.
 #[derive(Debug)]
 struct FlowTable {
-    flows: HashMap<FlowKey, Flow>,
+    // aHash: fast, and keyed per process so peers cannot aim collisions.
+    flows: AHashMap<FlowKey, Flow>,
     max_flows: usize,
     next_id: u64,
     evicted: u64,
@@ -136,7 +139,7 @@ impl Attributor {
             now: 0,
             last_sweep: 0,
             table: FlowTable {
-                flows: HashMap::new(),
+                flows: AHashMap::new(),
                 max_flows: config.max_flows,
                 next_id: 1,
                 evicted: 0,
@@ -186,7 +189,7 @@ impl Attributor {
             self.sweep();
         }
         let key = flow_key(direction, &meta);
-        if !self.table.flows.contains_key(&key) && self.table.flows.len() >= self.config.max_flows {
+        if self.table.flows.len() >= self.config.max_flows && !self.table.flows.contains_key(&key) {
             self.sweep();
         }
         let Some(flow) = self.table.get_or_create(key, direction, &meta, at.first) else {
@@ -371,42 +374,19 @@ impl FlowTable {
         meta: &PacketMeta,
         t: u64,
     ) -> Option<&mut Flow> {
-        if !self.flows.contains_key(&key) {
-            if self.flows.len() >= self.max_flows {
+        let full = self.flows.len() >= self.max_flows;
+        match self.flows.entry(key) {
+            Entry::Occupied(e) => Some(e.into_mut()),
+            Entry::Vacant(_) if full => {
                 self.untracked += 1;
-                return None;
+                None
             }
-            let (state, initiator) = match meta.transport {
-                Transport::Tcp { tcp, .. } => {
-                    // A SYN-ACK's sender is the responder.
-                    let syn_ack =
-                        tcp.flags & packet::flags::SYN != 0 && tcp.flags & packet::flags::ACK != 0;
-                    let initiator = match (direction, syn_ack) {
-                        (d, false) => d,
-                        (Direction::ToGuest, true) => Direction::FromGuest,
-                        (Direction::FromGuest, true) => Direction::ToGuest,
-                    };
-                    (FlowState::Tcp(Box::default()), initiator)
-                }
-                _ => (FlowState::Request(RequestFlow::default()), direction),
-            };
-            let id = self.next_id;
-            self.next_id += 1;
-            self.flows.insert(
-                key,
-                Flow {
-                    id,
-                    initiator,
-                    first_seen: t,
-                    last_seen: t,
-                    to_guest: (0, 0),
-                    from_guest: (0, 0),
-                    delays: Delays::default(),
-                    state,
-                },
-            );
+            Entry::Vacant(e) => {
+                let id = self.next_id;
+                self.next_id += 1;
+                Some(e.insert(Flow::new(id, direction, meta, t)))
+            }
         }
-        self.flows.get_mut(&key)
     }
 }
 

@@ -240,19 +240,23 @@ pub struct BurstStats {
     segments: u64,
     bursts: u64,
     sizes: Dist,
-    // Welford running mean and variance of the gaps (ns).
+    // Sums for the mean and variance of the gaps, shifted by the first gap
+    // so the sum of squares stays well conditioned; no division per sample.
     gaps: u64,
-    mean: f64,
-    m2: f64,
+    shift: f64,
+    sum: f64,
+    sum_sq: f64,
 }
 
 impl BurstStats {
     fn add_gap(&mut self, gap: u64) {
+        if self.gaps == 0 {
+            self.shift = gap as f64;
+        }
         self.gaps += 1;
-        let x = gap as f64;
-        let delta = x - self.mean;
-        self.mean += delta / self.gaps as f64;
-        self.m2 += delta * (x - self.mean);
+        let x = gap as f64 - self.shift;
+        self.sum += x;
+        self.sum_sq += x * x;
     }
 
     /// Summary for export (`open_burst` segments not yet closed included).
@@ -261,8 +265,11 @@ impl BurstStats {
         if open_burst > 0 {
             sizes.record(open_burst);
         }
-        let cv = if self.gaps >= 2 && self.mean > 0.0 {
-            (self.m2 / (self.gaps - 1) as f64).sqrt() / self.mean
+        let n = self.gaps as f64;
+        let mean = self.shift + self.sum / n;
+        let cv = if self.gaps >= 2 && mean > 0.0 {
+            let variance = (self.sum_sq - self.sum * self.sum / n) / (n - 1.0);
+            variance.max(0.0).sqrt() / mean
         } else {
             0.0
         };
