@@ -297,11 +297,15 @@ impl Attributor {
 
     fn flow_summary(&self, key: &FlowKey, flow: &Flow, secs: &dyn Fn(u64) -> f64) -> FlowSummary {
         let guest_first = flow.initiator == Direction::FromGuest;
-        let (src, sport, dst, dport) = if guest_first {
+        let (src, mut sport, dst, mut dport) = if guest_first {
             (key.guest, key.guest_port, key.remote, key.remote_port)
         } else {
             (key.remote, key.remote_port, key.guest, key.guest_port)
         };
+        if matches!(key.proto, Proto::Icmp | Proto::Icmpv6) {
+            // The echo identifier, whichever side sent the requests.
+            (sport, dport) = (key.guest_port, 0);
+        }
         let (method, shape, closed) = match (&flow.state, key.proto) {
             (FlowState::Tcp(t), _) => (t.method(), t.shape(&self.config.shape), t.closed),
             (_, Proto::Udp) => ("udp-request-response", Default::default(), false),

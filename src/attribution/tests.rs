@@ -304,7 +304,9 @@ fn icmp_echo_both_ways() {
     t.rx(&echo(true, true, 2), 10 * MS, MS);
     t.rx(&echo(true, true, 3), 20 * MS, MS);
     t.tx(&echo(false, false, 3), 30 * MS, MS);
-    let d = t.flow().delays;
+    let f = t.flow();
+    assert_eq!((f.sport, f.dport, f.initiator.as_str()), (77, 0, "remote"));
+    let d = f.delays;
     assert_eq!(d.guest_delay_ms.count, 2);
     assert!((d.guest_delay_ms.min - 3.0).abs() < 0.05, "{:?}", d);
     assert!((d.guest_delay_ms.max - 9.0).abs() < 0.1);
@@ -318,6 +320,7 @@ fn icmp_echo_both_ways() {
         (f.proto.as_str(), f.initiator.as_str(), f.method.as_str()),
         ("icmp", "guest", "icmp-echo")
     );
+    assert_eq!((f.sport, f.dport), (77, 0));
     assert!((f.delays.outside_rtt_ms.p50 - 20.0).abs() < 0.2);
     assert_eq!(f.delays.guest_delay_ms.count, 0);
 }
