@@ -19,6 +19,7 @@
 #   vsnoop.gw=10.77.0.1      optional default route
 #   vsnoop.mtu=1500          optional MTU
 #   vsnoop.iperf=0           do not start the iperf3 server
+#   vsnoop.busy=1            start a CPU hog at nice 19 (a VM with its own load)
 set -euo pipefail
 
 log() { printf 'build-guest: %s\n' "$*" >&2; }
@@ -167,13 +168,14 @@ echo 1 > /proc/sys/kernel/printk
 
 say() { echo "vsnoop-guest: $*"; }
 
-IP=10.77.0.2/24 GW= MTU= IPERF=1
+IP=10.77.0.2/24 GW= MTU= IPERF=1 BUSY=0
 for word in $(cat /proc/cmdline); do
     case "$word" in
         vsnoop.ip=*) IP=${word#vsnoop.ip=} ;;
         vsnoop.gw=*) GW=${word#vsnoop.gw=} ;;
         vsnoop.mtu=*) MTU=${word#vsnoop.mtu=} ;;
         vsnoop.iperf=*) IPERF=${word#vsnoop.iperf=} ;;
+        vsnoop.busy=*) BUSY=${word#vsnoop.busy=} ;;
     esac
 done
 
@@ -194,6 +196,13 @@ else
     say "ERROR: no eth0"
 fi
 [ "$IPERF" = 1 ] && iperf3 -s -D >/dev/null 2>&1 && say "iperf3 server started"
+# vsnoop.busy=1: a CPU hog at the lowest priority, so the vCPU always has
+# work (a VM sharing its core with its own load) while the network stack
+# still runs first.
+if [ "$BUSY" = 1 ]; then
+    nice -n 19 sh -c 'while :; do :; done' >/dev/null 2>&1 &
+    say "busy loop started"
+fi
 
 stty -echo 2>/dev/null
 export PS1='guest# '
