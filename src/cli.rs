@@ -141,7 +141,7 @@ pub enum Command {
         #[arg(long, value_name = "N", default_value_t = 50)]
         limit: usize,
     },
-    /// Live terminal view of a running daemon (q or Ctrl-C to quit).
+    /// Live terminal view of a running daemon (Ctrl-C to quit).
     Top {
         /// The daemon's --control socket.
         #[arg(long, value_name = "PATH")]

@@ -172,7 +172,7 @@ fn connect_daemon(daemon: &mut VhostUserDaemon<NetBackend>) -> Result<UnixStream
 
 /// Binds the server socket, refusing a path another process is serving and
 /// replacing a stale one.
-fn bind_server_socket(path: &Path) -> Result<UnixListener> {
+pub(crate) fn bind_server_socket(path: &Path) -> Result<UnixListener> {
     match fs::symlink_metadata(path) {
         Ok(meta) if !meta.file_type().is_socket() => {
             bail!("{} exists and is not a socket", path.display())

@@ -104,6 +104,21 @@ pub struct SeriesPoint {
     pub value_ns: u64,
 }
 
+/// The attributor's counters (see [`Snapshot`] for their meaning).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Frames looked at.
+    pub packets: u64,
+    /// Frames not attributed.
+    pub packets_other: u64,
+    /// Flows tracked now.
+    pub flows_tracked: u64,
+    /// Flows forgotten after being idle.
+    pub flows_evicted: u64,
+    /// New flows not tracked because the table was full.
+    pub flows_untracked: u64,
+}
+
 /// The attribution state machine.
 #[derive(Debug)]
 pub struct Attributor {
@@ -329,6 +344,17 @@ impl Attributor {
             last_seen_s: secs(flow.last_seen),
             delays: flow.delays.summary(),
             shape,
+        }
+    }
+
+    /// The counters alone, without summarising any flow (cheap).
+    pub fn counters(&self) -> Counters {
+        Counters {
+            packets: self.packets,
+            packets_other: self.packets_other,
+            flows_tracked: self.table.flows.len() as u64,
+            flows_evicted: self.table.evicted,
+            flows_untracked: self.table.untracked,
         }
     }
 
