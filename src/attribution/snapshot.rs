@@ -35,7 +35,8 @@ impl Summary {
         if h.is_empty() {
             return Summary::default();
         }
-        let q = |q: f64| h.value_at_quantile(q) as f64 / scale;
+        // The middle of the percentile's bucket: unbiased within the 1 % resolution.
+        let q = |q: f64| h.median_equivalent(h.value_at_quantile(q)) as f64 / scale;
         Summary {
             count: h.len(),
             min: h.min() as f64 / scale,

@@ -9,6 +9,8 @@ pub mod guest;
 
 pub mod frontend;
 
+pub mod netem;
+
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
