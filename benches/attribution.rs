@@ -39,7 +39,14 @@ fn with_flows(flows: u16) -> Attributor {
     let mut a = Attributor::new(AttributionConfig::default());
     for i in 0..flows {
         let f = tcp(true, 10_000 + i, 0, 0, 100, (1, 1));
-        a.on_rx(&f, 1514, RxStamps { host_in: 1, ring: 2 });
+        a.on_rx(
+            &f,
+            1514,
+            RxStamps {
+                host_in: 1,
+                ring: 2,
+            },
+        );
     }
     a
 }
@@ -58,19 +65,37 @@ fn bench(c: &mut Criterion) {
         let mut ack = tcp(false, 10_000, 1, 0, 0, (7, 0));
         let mut t = 1_000u64;
         let mut seq = 0u32;
-        c.bench_function(&format!("tcp data segment + guest ACK, {flows} flows"), |b| {
-            b.iter(|| {
-                t += 1_000;
-                seq = seq.wrapping_add(1448);
-                let tick = (t / 1_000_000) as u32;
-                put(&mut data, SEQ, seq);
-                put(&mut data, TSVAL, tick);
-                a.on_rx(black_box(&data), 1514, RxStamps { host_in: t, ring: t + 200 });
-                put(&mut ack, ACK, seq.wrapping_add(1448));
-                put(&mut ack, TSECR, tick);
-                a.on_tx(black_box(&ack), 66, TxStamps { kick: t + 500, pop: t + 500, host_out: t + 600 });
-            })
-        });
+        c.bench_function(
+            &format!("tcp data segment + guest ACK, {flows} flows"),
+            |b| {
+                b.iter(|| {
+                    t += 1_000;
+                    seq = seq.wrapping_add(1448);
+                    let tick = (t / 1_000_000) as u32;
+                    put(&mut data, SEQ, seq);
+                    put(&mut data, TSVAL, tick);
+                    a.on_rx(
+                        black_box(&data),
+                        1514,
+                        RxStamps {
+                            host_in: t,
+                            ring: t + 200,
+                        },
+                    );
+                    put(&mut ack, ACK, seq.wrapping_add(1448));
+                    put(&mut ack, TSECR, tick);
+                    a.on_tx(
+                        black_box(&ack),
+                        66,
+                        TxStamps {
+                            kick: t + 500,
+                            pop: t + 500,
+                            host_out: t + 600,
+                        },
+                    );
+                })
+            },
+        );
     }
     let mut udp = Vec::new();
     PacketBuilder::ethernet2([2; 6], [4; 6])
@@ -83,14 +108,30 @@ fn bench(c: &mut Criterion) {
     c.bench_function("udp frame from the guest (64 B)", |b| {
         b.iter(|| {
             t += 500;
-            a.on_tx(black_box(&udp), 64, TxStamps { kick: t, pop: t, host_out: t + 300 });
+            a.on_tx(
+                black_box(&udp),
+                64,
+                TxStamps {
+                    kick: t,
+                    pop: t,
+                    host_out: t + 300,
+                },
+            );
         })
     });
     let arp = [0u8; 60];
     c.bench_function("non-IP frame", |b| {
         b.iter(|| {
             t += 500;
-            a.on_tx(black_box(&arp), 60, TxStamps { kick: t, pop: t, host_out: t + 300 });
+            a.on_tx(
+                black_box(&arp),
+                60,
+                TxStamps {
+                    kick: t,
+                    pop: t,
+                    host_out: t + 300,
+                },
+            );
         })
     });
 }

@@ -74,9 +74,15 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "BYTES", default_value_t = 262_144)]
     pub capture_snaplen: usize,
 
-    /// Record only frames matching this filter: a comma-separated list of
-    /// `host ADDR`, `net ADDR/PREFIX`, `port N` and `proto tcp|udp|icmp`
-    /// terms; a frame is kept when it matches any term.
+    /// Record only frames matching this filter: comma-separated terms, each
+    /// one of `host ADDR` (IPv4 or IPv6 source or destination),
+    /// `net ADDR/PREFIX` (source or destination in the network),
+    /// `port N` (TCP or UDP source or destination port) and
+    /// `proto tcp|udp|icmp|icmpv6`. A frame is recorded when it matches ANY
+    /// term, e.g. "proto icmp, port 53, net 10.77.0.0/24". Frames whose
+    /// headers vsnoop does not parse (ARP, ICMP other than echo, IPv6
+    /// extension headers, later fragments) match no term. Applies to
+    /// captures started from the control socket too.
     #[arg(long, value_name = "FILTER")]
     pub capture_filter: Option<String>,
 

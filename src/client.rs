@@ -96,7 +96,12 @@ pub fn run(command: Command) -> Result<()> {
                 (None, false) => println!("capture: off"),
             }
         }
-        Command::Report { .. } => bail!("vsnoop report is not implemented yet"),
+        Command::Report {
+            file,
+            out,
+            compression_k,
+            compression_theta,
+        } => crate::report::run(&file, &out, compression_k, compression_theta)?,
     }
     Ok(())
 }

@@ -33,6 +33,9 @@ pub enum ConfigError {
     /// --capture-max-mb or --capture-files out of range.
     #[error("--capture-max-mb must be at least 1 and --capture-files at least 1")]
     Rotation,
+    /// --capture-filter does not parse.
+    #[error("--capture-filter: {0}")]
+    CaptureFilter(crate::export::capture::FilterError),
     /// --max-flows out of range.
     #[error("--max-flows must be between 1 and 1000000, got {0}")]
     MaxFlows(usize),
@@ -103,6 +106,11 @@ impl TryFrom<DaemonArgs> for Config {
         if cli.capture_max_mb == Some(0) || cli.capture_files == 0 {
             return Err(ConfigError::Rotation);
         }
+        if let Some(filter) = &cli.capture_filter {
+            filter
+                .parse::<crate::export::capture::CaptureFilter>()
+                .map_err(ConfigError::CaptureFilter)?;
+        }
         if cli.max_flows == 0 || cli.max_flows > 1_000_000 {
             return Err(ConfigError::MaxFlows(cli.max_flows));
         }
@@ -119,7 +127,7 @@ impl TryFrom<DaemonArgs> for Config {
             capture: cli.capture,
             capture_snaplen: cli.capture_snaplen,
             capture_filter: cli.capture_filter,
-            capture_max_bytes: cli.capture_max_mb.map(|mb| mb * 1024 * 1024),
+            capture_max_bytes: cli.capture_max_mb.map(|mb| mb.saturating_mul(1024 * 1024)),
             capture_files: cli.capture_files,
             control: cli.control,
             metrics: cli.metrics,

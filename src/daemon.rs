@@ -40,7 +40,8 @@ pub fn run(config: Config) -> Result<()> {
     } else {
         Some(bind_server_socket(&config.socket)?)
     };
-    let capture = Arc::new(CaptureSlot::new());
+    let settings = crate::export::capture::CaptureSettings::from_config(&config)?;
+    let capture = Arc::new(CaptureSlot::with_settings(settings));
     if let Some(path) = &config.capture {
         capture.start(path, config.capture_snaplen)?;
     }

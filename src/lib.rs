@@ -11,6 +11,8 @@
 //! - [`timing`]: the clock and the per-packet hook points
 //! - [`metrics`]: counters for every packet and drop path
 //! - [`export`]: pcapng capture at both vantage points
+//! - [`report`]: `vsnoop report`, offline analysis of a capture (summary,
+//!   report.md, SVG plots)
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
@@ -24,6 +26,7 @@ pub mod export;
 pub mod metrics;
 pub mod net;
 pub mod port;
+pub mod report;
 pub mod state;
 pub mod timing;
 pub mod vhost_user;

@@ -53,6 +53,10 @@ pub struct AttributionConfig {
     pub shape: ShapeConfig,
     /// Keep every sample with its time (for `vsnoop report` time series).
     pub record_series: bool,
+    /// Keep the summary of every flow forgotten (for `vsnoop report`, which
+    /// lists every flow of a capture: closed TCP flows are forgotten 10 s
+    /// after they close whatever `idle_timeout_ns` says).
+    pub keep_forgotten: bool,
 }
 
 impl Default for AttributionConfig {
@@ -62,6 +66,7 @@ impl Default for AttributionConfig {
             idle_timeout_ns: 300 * NS_PER_S,
             shape: ShapeConfig::default(),
             record_series: false,
+            keep_forgotten: false,
         }
     }
 }
@@ -132,6 +137,7 @@ pub struct Attributor {
     delays: Delays,
     shape: ShapeTotals,
     series: Vec<SeriesPoint>,
+    forgotten: Vec<FlowSummary>,
 }
 
 /// The bounded flow table.
@@ -165,6 +171,7 @@ impl Attributor {
             delays: Delays::default(),
             shape: ShapeTotals::default(),
             series: Vec::new(),
+            forgotten: Vec::new(),
         }
     }
 
@@ -256,8 +263,10 @@ impl Attributor {
         match sample {
             Sample::ThroughGuest { request, response } => {
                 let guest = response.first.saturating_sub(request.second);
-                let backend = request.second.saturating_sub(request.first)
-                    + response.second.saturating_sub(response.first);
+                let backend = request
+                    .second
+                    .saturating_sub(request.first)
+                    .saturating_add(response.second.saturating_sub(response.first));
                 record(Component::Guest, response.first, guest);
                 record(Component::Backend, response.first, backend);
             }
@@ -273,13 +282,37 @@ impl Attributor {
         self.last_sweep = self.now;
         let now = self.now;
         let idle = self.config.idle_timeout_ns;
-        let before = self.table.flows.len();
-        self.table.flows.retain(|_, f| {
+        let keep = |f: &Flow| {
             let age = now.saturating_sub(f.last_seen);
             let closed = matches!(&f.state, FlowState::Tcp(t) if t.closed);
             age < idle && !(closed && age >= CLOSED_TIMEOUT_NS)
-        });
+        };
+        let before = self.table.flows.len();
+        if self.config.keep_forgotten {
+            self.summarise_forgotten(keep);
+        }
+        self.table.flows.retain(|_, f| keep(f));
         self.table.evicted += (before - self.table.flows.len()) as u64;
+    }
+
+    /// Copies the summaries of the flows `keep` rejects into `forgotten`
+    /// (the caller then removes the flows).
+    fn summarise_forgotten(&mut self, keep: impl Fn(&Flow) -> bool) {
+        let start = self.start.unwrap_or(self.now);
+        let secs = |t: u64| t.saturating_sub(start) as f64 / 1e9;
+        let gone: Vec<FlowKey> = self
+            .table
+            .flows
+            .iter()
+            .filter(|(_, f)| !keep(f))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in gone {
+            if let Some(flow) = self.table.flows.get(&key) {
+                let summary = self.flow_summary(&key, flow, &secs);
+                self.forgotten.push(summary);
+            }
+        }
     }
 
     /// Everything known now; flows with the most packets first.
@@ -387,6 +420,12 @@ impl Attributor {
     /// Samples with their times (empty unless `record_series`).
     pub fn series(&self) -> &[SeriesPoint] {
         &self.series
+    }
+
+    /// Summaries of the flows forgotten so far, as they were when forgotten
+    /// (empty unless `keep_forgotten`).
+    pub fn forgotten(&self) -> &[FlowSummary] {
+        &self.forgotten
     }
 
     /// The configuration in use.
