@@ -204,9 +204,13 @@ pub enum CaptureAction {
         #[arg(long, value_name = "BYTES", default_value_t = 262_144)]
         snaplen: usize,
     },
-    /// Stop the running capture and close its file.
+    /// Stop the running capture, close its file and print its final counters.
     Stop,
-    /// Show the running capture, if any.
+    /// Show the running capture and its counters, if any.
+    ///
+    /// Prints the file, the snaplen, frames recorded, frames dropped (the
+    /// writer fell behind), frames filtered out (--capture-filter) and file
+    /// rotations (--capture-max-mb).
     Status,
 }
 

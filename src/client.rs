@@ -201,13 +201,17 @@ fn on_off(on: bool) -> &'static str {
     }
 }
 
+/// `PATH (snaplen S, F frames, D dropped, X filtered, R rotations)`: every
+/// field of the daemon's capture status.
 fn describe_capture(c: &CaptureStatus) -> String {
     format!(
-        "{} (snaplen {}, {} frames, {} dropped)",
+        "{} (snaplen {}, {} frames, {} dropped, {} filtered, {} rotations)",
         c.path.display(),
         c.snaplen,
         c.frames,
-        c.dropped
+        c.dropped,
+        c.filtered,
+        c.rotations
     )
 }
 
@@ -684,5 +688,21 @@ mod tests {
         assert!(!msg.contains('\n'));
         let e = ControlClient::connect(Path::new("/")).err().unwrap();
         assert!(format!("{e:#}").contains("is not a socket"));
+    }
+
+    #[test]
+    fn capture_line_has_every_status_field() {
+        let c = CaptureStatus {
+            path: "/tmp/cap.pcapng".into(),
+            snaplen: 128,
+            frames: 10,
+            dropped: 1,
+            filtered: 7,
+            rotations: 2,
+        };
+        assert_eq!(
+            describe_capture(&c),
+            "/tmp/cap.pcapng (snaplen 128, 10 frames, 1 dropped, 7 filtered, 2 rotations)"
+        );
     }
 }

@@ -670,6 +670,10 @@ fn ack_offload_and_capture_through_the_cli() -> Result<()> {
         status.contains(file_s) && status.contains("snaplen 128"),
         "{status}"
     );
+    assert!(
+        status.contains(" dropped, 0 filtered, 0 rotations)"),
+        "{status}"
+    );
     let capture = d.stats()?["capture"].clone();
     assert_eq!(capture["path"], file_s, "{capture}");
     assert_eq!(capture["snaplen"], 128, "{capture}");
@@ -681,6 +685,10 @@ fn ack_offload_and_capture_through_the_cli() -> Result<()> {
     assert!(
         stopped.contains(&format!("{frames} frames")),
         "expected {frames} frames: {stopped}"
+    );
+    assert!(
+        stopped.contains(" filtered, ") && stopped.contains(" rotations)"),
+        "{stopped}"
     );
     assert_eq!(d.stats()?["capture"], Value::Null);
     let out = cli_ok(&["capture", "--control", d.ctl(), "stop"])?;
