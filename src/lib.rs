@@ -25,6 +25,7 @@ pub mod daemon;
 pub mod export;
 pub mod metrics;
 pub mod net;
+pub mod offload;
 pub mod port;
 pub mod report;
 pub mod state;

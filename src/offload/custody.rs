@@ -1,0 +1,150 @@
+//! Custody: a copy of the bytes delivered to the guest but not yet
+//! acknowledged by it (rule 5), so they can be re-delivered if the guest
+//! drops them after we acknowledged them to the sender.
+
+use super::wire::seq_lt;
+
+/// Bytes `[start, start + len)` of one flow's stream toward the guest.
+#[derive(Debug, Default)]
+pub struct Custody {
+    buf: Vec<u8>,
+    /// Index in `buf` of the byte at `start`.
+    head: usize,
+    /// Sequence number of the first byte held.
+    start: u32,
+    /// False once a byte between `start` and the delivered edge is missing.
+    incomplete: bool,
+}
+
+impl Custody {
+    /// Bytes held.
+    pub fn len(&self) -> usize {
+        self.buf.len() - self.head
+    }
+
+    /// Nothing held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Sequence number just past the last byte held.
+    pub fn end(&self) -> u32 {
+        self.start.wrapping_add(self.len() as u32)
+    }
+
+    /// Whether every byte from `start` to `end` is held.
+    pub fn complete(&self) -> bool {
+        !self.incomplete
+    }
+
+    /// Empties the custody and restarts it at `seq`.
+    pub fn reset(&mut self, seq: u32) {
+        self.buf.clear();
+        self.head = 0;
+        self.start = seq;
+        self.incomplete = false;
+    }
+
+    /// Marks the copy as having a gap (a byte could not be kept).
+    pub fn invalidate(&mut self) {
+        self.incomplete = true;
+    }
+
+    /// Appends `len` bytes at `end()`, filled by `fill`; returns bytes kept.
+    pub fn append(&mut self, len: usize, fill: impl FnOnce(&mut [u8]) -> usize) -> usize {
+        let at = self.buf.len();
+        self.buf.resize(at + len, 0);
+        let got = fill(&mut self.buf[at..]).min(len);
+        self.buf.truncate(at + got);
+        if got < len {
+            self.incomplete = true;
+        }
+        got
+    }
+
+    /// Drops bytes below `seq` (the guest acknowledged them).
+    pub fn trim(&mut self, seq: u32) {
+        if !seq_lt(self.start, seq) {
+            return;
+        }
+        let drop = seq.wrapping_sub(self.start) as usize;
+        if drop >= self.len() {
+            let complete = self.complete() && drop == self.len();
+            self.reset(seq);
+            self.incomplete = !complete;
+            return;
+        }
+        self.head += drop;
+        self.start = seq;
+        // Compact once the dead prefix dominates, so memory follows the window.
+        if self.head > 64 * 1024 && self.head * 2 > self.buf.len() {
+            self.buf.drain(..self.head);
+            self.head = 0;
+        }
+    }
+
+    /// The held bytes from `seq` on, at most `max` of them.
+    pub fn bytes_from(&self, seq: u32, max: usize) -> &[u8] {
+        let off = seq.wrapping_sub(self.start) as usize;
+        if off >= self.len() {
+            return &[];
+        }
+        let from = self.head + off;
+        &self.buf[from..(from + max).min(self.buf.len())]
+    }
+
+    /// Heap bytes in use (the budget counts what is held, not capacity).
+    pub fn held(&self) -> usize {
+        self.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn appends_trims_and_reads_back_across_wrap() {
+        let mut c = Custody::default();
+        c.reset(u32::MAX - 2);
+        assert_eq!(
+            c.append(6, |b| {
+                b.copy_from_slice(b"abcdef");
+                6
+            }),
+            6
+        );
+        assert_eq!(c.end(), 3);
+        assert_eq!(c.bytes_from(u32::MAX, 10), b"cdef");
+        c.trim(1);
+        assert_eq!(c.len(), 2);
+        assert_eq!(c.bytes_from(1, 1), b"e");
+        assert!(c.complete());
+        // Trimming past the end leaves a gap marker unless it lands exactly.
+        c.trim(3);
+        assert!(c.is_empty() && c.complete());
+        c.trim(10);
+        assert!(!c.complete());
+    }
+
+    #[test]
+    fn a_short_fill_marks_the_copy_incomplete() {
+        let mut c = Custody::default();
+        c.reset(0);
+        assert_eq!(c.append(10, |_| 4), 4);
+        assert_eq!(c.len(), 4);
+        assert!(!c.complete());
+    }
+
+    #[test]
+    fn trimming_below_start_is_ignored() {
+        let mut c = Custody::default();
+        c.reset(100);
+        c.append(3, |b| {
+            b.fill(1);
+            3
+        });
+        c.trim(50);
+        assert_eq!(c.len(), 3);
+    }
+}

@@ -1,0 +1,771 @@
+//! ACK offload (after vSnoop, SC 2010): acknowledge TCP data to the remote
+//! sender as soon as it is published in the guest's RX ring, keep custody of
+//! acknowledged bytes until the guest confirms them, and re-deliver them if
+//! the guest drops them. The rules are `docs: ack-offload.md`; each one is
+//! named where it is applied, in [`flow`].
+//!
+//! The engine is shared by all queue pairs (a flow's two directions may use
+//! different queues) behind one mutex. The data path calls it:
+//! - [`AckOffload::guest_tx`] for every guest TCP frame before it is written
+//!   to the tap (learn, then pass / rewrite / suppress);
+//! - [`AckOffload::remote_rx`] for every tap TCP frame before its used entry
+//!   is published (learn, keep a custody copy), and
+//!   [`AckOffload::remote_published`] right after (the early ACK);
+//! - [`AckOffload::tick`] from a periodic timer (re-delivery, ageing).
+//!   Frames the engine wants sent wait in per-queue outboxes.
+
+pub mod custody;
+pub mod flow;
+pub mod wire;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use ahash::{AHashMap, AHashSet};
+use serde::Serialize;
+
+use flow::{Flow, FlowLimits, Mode, OfflineReason, PassReason, TxVerdict};
+use wire::{flags, IpVersion, TcpSegment};
+
+/// A flow's identity, guest side first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    version: IpVersion,
+    guest: [u8; 16],
+    remote: [u8; 16],
+    guest_port: u16,
+    remote_port: u16,
+}
+
+impl FlowKey {
+    /// The key of a segment sent by the guest (`from_guest`) or the remote.
+    pub fn of(seg: &TcpSegment, from_guest: bool) -> FlowKey {
+        if from_guest {
+            FlowKey {
+                version: seg.version,
+                guest: seg.src,
+                remote: seg.dst,
+                guest_port: seg.sport,
+                remote_port: seg.dport,
+            }
+        } else {
+            FlowKey {
+                version: seg.version,
+                guest: seg.dst,
+                remote: seg.src,
+                guest_port: seg.dport,
+                remote_port: seg.sport,
+            }
+        }
+    }
+}
+
+/// Engine settings.
+#[derive(Clone, Copy, Debug)]
+pub struct OffloadConfig {
+    /// Emit early ACKs (the run-time switch).
+    pub enabled: bool,
+    /// Upper bound on the window of our ACKs in bytes (0: none).
+    pub window_bound: u32,
+    /// Custody memory for all flows together, in bytes.
+    pub custody_budget: usize,
+    /// Most flows tracked.
+    pub max_flows: usize,
+    /// Re-deliver when the guest has not advanced its ACK for this long (ns).
+    pub redeliver_after_ns: u64,
+    /// Give up (RST both ends) after this many re-deliveries without progress.
+    pub max_redeliveries: u32,
+    /// Most bytes re-delivered per attempt.
+    pub redeliver_burst: usize,
+}
+
+impl Default for OffloadConfig {
+    fn default() -> Self {
+        OffloadConfig {
+            enabled: true,
+            window_bound: 0,
+            custody_budget: 64 << 20,
+            max_flows: 65_536,
+            redeliver_after_ns: 200_000_000,
+            max_redeliveries: 6,
+            redeliver_burst: 64 * 1024,
+        }
+    }
+}
+
+/// How the checksum of a frame from the tap stands (virtio-net header flags).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RxChecksum {
+    /// Locally generated, checksum to be completed (NEEDS_CSUM): not damaged.
+    Partial,
+    /// The host validated it (DATA_VALID).
+    Valid,
+    /// Nobody checked: the offload verifies before it acknowledges (rule 4).
+    Unknown,
+}
+
+/// Counters, readable without the engine lock.
+#[derive(Debug, Default)]
+pub struct OffloadCounters {
+    /// Early ACKs sent.
+    pub early_acks: AtomicU64,
+    /// Bytes those ACKs acknowledged.
+    pub early_acked_bytes: AtomicU64,
+    /// Guest ACKs not sent (the sender no longer needed them).
+    pub guest_acks_suppressed: AtomicU64,
+    /// Guest packets whose ack/window/TSecr/SACK were rewritten.
+    pub guest_acks_rewritten: AtomicU64,
+    /// Re-delivery attempts.
+    pub redeliveries: AtomicU64,
+    /// Bytes re-delivered.
+    pub redelivered_bytes: AtomicU64,
+    /// Re-delivery frames dropped for lack of guest buffers.
+    pub redelivery_dropped: AtomicU64,
+    /// Flows reset after repeated failed re-deliveries.
+    pub resets: AtomicU64,
+    /// Flows that completed a handshake and were offloaded.
+    pub flows_offloaded: AtomicU64,
+    /// Flows never offloaded.
+    pub flows_passthrough: AtomicU64,
+    /// Offline flows that came back online.
+    pub back_online: AtomicU64,
+    /// Migration drains started (VHOST_F_LOG_ALL set).
+    pub drains: AtomicU64,
+    /// Offline transitions per [`OfflineReason::ALL`].
+    pub offline: [AtomicU64; 9],
+    /// Pass-through flows per [`PassReason::ALL`].
+    pub passthrough: [AtomicU64; 8],
+    /// Flows in the table now.
+    pub flows_tracked: AtomicU64,
+    /// Custody bytes held now.
+    pub custody_bytes: AtomicU64,
+}
+
+fn inc(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+/// A counters snapshot (stats JSON `offload` object).
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct OffloadStats {
+    /// Early ACKs emitted (run-time switch).
+    pub enabled: bool,
+    /// Migration in progress: no new early ACKs until every flow caught up.
+    pub draining: bool,
+    /// See [`OffloadCounters`].
+    pub early_acks: u64,
+    /// Bytes acknowledged early.
+    pub early_acked_bytes: u64,
+    /// Guest ACKs suppressed.
+    pub guest_acks_suppressed: u64,
+    /// Guest packets rewritten.
+    pub guest_acks_rewritten: u64,
+    /// Re-delivery attempts.
+    pub redeliveries: u64,
+    /// Bytes re-delivered.
+    pub redelivered_bytes: u64,
+    /// Re-delivery frames dropped (no guest buffers).
+    pub redelivery_dropped: u64,
+    /// Flows reset.
+    pub resets: u64,
+    /// Flows offloaded.
+    pub flows_offloaded: u64,
+    /// Flows passed through.
+    pub flows_passthrough: u64,
+    /// Offline flows back online.
+    pub back_online: u64,
+    /// Migration drains started.
+    pub drains: u64,
+    /// Flows tracked now.
+    pub flows_tracked: u64,
+    /// Custody bytes held now.
+    pub custody_bytes: u64,
+    /// Offline transitions by reason.
+    pub offline: std::collections::BTreeMap<String, u64>,
+    /// Pass-through flows by reason.
+    pub passthrough: std::collections::BTreeMap<String, u64>,
+}
+
+impl OffloadCounters {
+    fn offline(&self, reason: OfflineReason) {
+        let i = OfflineReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(0);
+        inc(&self.offline[i]);
+    }
+
+    fn passthrough(&self, reason: PassReason) {
+        let i = PassReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(0);
+        inc(&self.passthrough[i]);
+        inc(&self.flows_passthrough);
+    }
+
+    /// A snapshot.
+    pub fn snapshot(&self, enabled: bool, draining: bool) -> OffloadStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        OffloadStats {
+            enabled,
+            draining,
+            early_acks: get(&self.early_acks),
+            early_acked_bytes: get(&self.early_acked_bytes),
+            guest_acks_suppressed: get(&self.guest_acks_suppressed),
+            guest_acks_rewritten: get(&self.guest_acks_rewritten),
+            redeliveries: get(&self.redeliveries),
+            redelivered_bytes: get(&self.redelivered_bytes),
+            redelivery_dropped: get(&self.redelivery_dropped),
+            resets: get(&self.resets),
+            flows_offloaded: get(&self.flows_offloaded),
+            flows_passthrough: get(&self.flows_passthrough),
+            back_online: get(&self.back_online),
+            drains: get(&self.drains),
+            flows_tracked: get(&self.flows_tracked),
+            custody_bytes: get(&self.custody_bytes),
+            offline: OfflineReason::ALL
+                .iter()
+                .zip(&self.offline)
+                .map(|(r, c)| (r.name().to_string(), get(c)))
+                .collect(),
+            passthrough: PassReason::ALL
+                .iter()
+                .zip(&self.passthrough)
+                .map(|(r, c)| (r.name().to_string(), get(c)))
+                .collect(),
+        }
+    }
+}
+
+/// The offload engine: flow table, custody budget, outboxes.
+pub struct AckOffload {
+    cfg: OffloadConfig,
+    draining: bool,
+    flows: AHashMap<FlowKey, Flow>,
+    /// Flows with `Gack < E` (pinned; checked by the timer).
+    owed: AHashSet<FlowKey>,
+    custody_bytes: usize,
+    counters: Arc<OffloadCounters>,
+    /// Frames for the guest's RX ring, per queue pair.
+    to_guest: Vec<VecDeque<Vec<u8>>>,
+    /// Frames for the tap (no virtio-net header).
+    to_host: VecDeque<Vec<u8>>,
+    scratch: Vec<u8>,
+    last_sweep: u64,
+}
+
+/// Idle time after which a flow is forgotten (unless it owes bytes).
+const IDLE_NS: u64 = 120_000_000_000;
+/// Idle time for flows still in their handshake or closing.
+const IDLE_SHORT_NS: u64 = 10_000_000_000;
+/// How often the whole table is swept for idle flows.
+const SWEEP_NS: u64 = 1_000_000_000;
+/// Frames waiting for one queue's RX ring before new ones are refused.
+const OUTBOX_LIMIT: usize = 1024;
+
+impl AckOffload {
+    /// An engine for `queue_pairs` queue pairs.
+    pub fn new(cfg: OffloadConfig, queue_pairs: usize, counters: Arc<OffloadCounters>) -> Self {
+        AckOffload {
+            cfg,
+            draining: false,
+            flows: AHashMap::new(),
+            owed: AHashSet::new(),
+            custody_bytes: 0,
+            counters,
+            to_guest: (0..queue_pairs.max(1)).map(|_| VecDeque::new()).collect(),
+            to_host: VecDeque::new(),
+            scratch: Vec::new(),
+            last_sweep: 0,
+        }
+    }
+
+    /// Early ACKs on or off (rule 16). Off: no new flows, no new early ACKs;
+    /// flows that still owe bytes keep being rewritten until they catch up.
+    pub fn set_enabled(&mut self, on: bool) {
+        self.cfg.enabled = on;
+    }
+
+    /// Whether early ACKs are on.
+    pub fn enabled(&self) -> bool {
+        self.cfg.enabled
+    }
+
+    /// Migration started (VHOST_F_LOG_ALL set) or ended (rule 15).
+    pub fn set_draining(&mut self, on: bool) {
+        if on && !self.draining {
+            inc(&self.counters.drains);
+        }
+        self.draining = on;
+    }
+
+    /// Whether a migration drain is in progress.
+    pub fn draining(&self) -> bool {
+        self.draining
+    }
+
+    /// Whether every flow's guest ACK has caught up with what the sender saw.
+    pub fn drained(&self) -> bool {
+        self.owed.is_empty()
+    }
+
+    /// Whether the engine has nothing to do (off and no flows).
+    pub fn idle(&self) -> bool {
+        !self.cfg.enabled && self.flows.is_empty()
+    }
+
+    fn limits(&self) -> FlowLimits {
+        FlowLimits {
+            window_bound: self.cfg.window_bound,
+        }
+    }
+
+    fn publish_gauges(&self) {
+        let c = &self.counters;
+        c.flows_tracked
+            .store(self.flows.len() as u64, Ordering::Relaxed);
+        c.custody_bytes
+            .store(self.custody_bytes as u64, Ordering::Relaxed);
+    }
+
+    /// Learns a new flow from `seg` if it opens one; `None` if not tracked.
+    fn admit(
+        &mut self,
+        headers: &[u8],
+        seg: &TcpSegment,
+        from_guest: bool,
+        now: u64,
+    ) -> Option<FlowKey> {
+        if !self.cfg.enabled {
+            return None;
+        }
+        let key = FlowKey::of(seg, from_guest);
+        let syn_only = seg.has(flags::SYN) && !seg.has(flags::ACK);
+        if self.flows.len() >= self.cfg.max_flows {
+            if syn_only {
+                self.counters.passthrough(PassReason::TableFull);
+            }
+            return None;
+        }
+        let flow = if syn_only {
+            let f = Flow::from_syn(headers, seg, from_guest, now);
+            if let Mode::PassThrough(r) = f.mode {
+                self.counters.passthrough(r);
+            }
+            f
+        } else if seg.has(flags::RST) {
+            return None;
+        } else {
+            // Seen mid-stream (rule 1): remembered so it is counted once.
+            self.counters.passthrough(PassReason::MidStream);
+            Flow::pass_through(seg, from_guest, PassReason::MidStream, now)
+        };
+        self.flows.insert(key, flow);
+        self.publish_gauges();
+        Some(key)
+    }
+
+    fn forget(&mut self, key: &FlowKey) {
+        if let Some(flow) = self.flows.remove(key) {
+            self.custody_bytes -= flow.custody.held();
+            self.owed.remove(key);
+            self.publish_gauges();
+        }
+    }
+
+    fn note_mode(&self, established: Option<Mode>) {
+        match established {
+            Some(Mode::Active) => inc(&self.counters.flows_offloaded),
+            Some(Mode::PassThrough(r)) => self.counters.passthrough(r),
+            _ => {}
+        }
+    }
+
+    fn note_offline(&self, reason: Option<OfflineReason>) {
+        if let Some(r) = reason {
+            self.counters.offline(r);
+        }
+    }
+
+    /// A guest frame about to be written to the tap. `headers` is a private
+    /// copy of at least the frame's headers (edited in place on `Rewritten`),
+    /// `frame_len` the whole frame's length.
+    pub fn guest_tx(
+        &mut self,
+        headers: &mut [u8],
+        frame_len: usize,
+        needs_csum: bool,
+        now: u64,
+    ) -> TxVerdict {
+        let Some(seg) = wire::parse(headers, frame_len) else {
+            return TxVerdict::Pass;
+        };
+        let key = FlowKey::of(&seg, true);
+        if !self.flows.contains_key(&key) && self.admit(headers, &seg, true, now).is_none() {
+            return TxVerdict::Pass;
+        }
+        let limits = self.limits();
+        let Some(flow) = self.flows.get_mut(&key) else {
+            return TxVerdict::Pass;
+        };
+        if flow.inert() {
+            flow.last_seen = now;
+            if seg.has(flags::RST) {
+                self.forget(&key);
+            }
+            return TxVerdict::Pass;
+        }
+        let held_before = flow.custody.held();
+        let (verdict, fx) = flow.on_guest(headers, &seg, needs_csum, limits, now);
+        let held_after = flow.custody.held();
+        let owes = flow.owes();
+        if fx.progress {
+            flow.redeliveries = 0;
+            flow.last_progress = now;
+        }
+        let missing = fx.missing && flow.dupacks >= 2;
+        self.custody_bytes = self
+            .custody_bytes
+            .saturating_sub(held_before.saturating_sub(held_after))
+            + held_after.saturating_sub(held_before);
+        self.note_mode(fx.established);
+        self.note_offline(fx.offline);
+        if fx.online {
+            inc(&self.counters.back_online);
+        }
+        match verdict {
+            TxVerdict::Suppress => inc(&self.counters.guest_acks_suppressed),
+            TxVerdict::Rewritten => inc(&self.counters.guest_acks_rewritten),
+            TxVerdict::Pass => {}
+        }
+        if fx.closed {
+            self.forget(&key);
+            return verdict;
+        }
+        if owes {
+            self.owed.insert(key);
+            if missing {
+                self.redeliver(&key, now);
+            }
+        } else {
+            self.owed.remove(&key);
+        }
+        self.publish_gauges();
+        verdict
+    }
+
+    /// A tap frame about to be published in queue pair `queue`'s RX ring.
+    /// `copy_payload(offset, buf)` copies frame bytes from `offset` into
+    /// `buf` and returns how many it copied. Returns the flow to pass to
+    /// [`AckOffload::remote_published`] after the used index is published.
+    pub fn remote_rx(
+        &mut self,
+        queue: usize,
+        headers: &[u8],
+        frame_len: usize,
+        checksum: RxChecksum,
+        copy_payload: &mut dyn FnMut(usize, &mut [u8]) -> usize,
+        now: u64,
+    ) -> Option<(FlowKey, u32)> {
+        let seg = wire::parse(headers, frame_len)?;
+        let key = FlowKey::of(&seg, false);
+        if !self.flows.contains_key(&key) {
+            self.admit(headers, &seg, false, now)?;
+        }
+        let flow = self.flows.get_mut(&key)?;
+        if flow.inert() {
+            flow.last_seen = now;
+            if seg.has(flags::RST) {
+                self.forget(&key);
+            }
+            return None;
+        }
+        let fx = flow.on_remote(headers, &seg, queue, now);
+        let established = fx.established;
+        let offline = fx.offline;
+        if fx.closed {
+            self.note_mode(established);
+            self.forget(&key);
+            return None;
+        }
+        let mut committed = 0;
+        let mut offline_late = None;
+        if fx.new_bytes > 0 {
+            let start = seg.payload_at + fx.offset as usize;
+            let len = fx.new_bytes as usize;
+            let budget_ok = self.custody_bytes + len <= self.cfg.custody_budget;
+            let keep =
+                matches!(flow.mode, Mode::Active | Mode::Offline(_)) && flow.custody.complete();
+            if checksum == RxChecksum::Unknown {
+                // Rule 4: verify the whole segment before anything is acknowledged.
+                let scratch = &mut self.scratch;
+                scratch.clear();
+                scratch.extend_from_slice(&headers[seg.tcp_at..seg.payload_at]);
+                let tcp_len = seg.payload_at - seg.tcp_at + seg.payload_len as usize;
+                scratch.resize(tcp_len, 0);
+                let got = copy_payload(seg.payload_at, &mut scratch[seg.payload_at - seg.tcp_at..]);
+                let ok = got == seg.payload_len as usize && wire::tcp_checksum_ok(&seg, scratch);
+                if !ok {
+                    // The guest drops it too: D does not move.
+                    offline_late = flow.offline(OfflineReason::BadChecksum);
+                    self.note_mode(established);
+                    self.note_offline(offline.or(offline_late));
+                    return None;
+                }
+                if keep && budget_ok {
+                    let from = start - seg.tcp_at;
+                    let src = &scratch[from..from + len];
+                    flow.custody.append(len, |b| {
+                        b.copy_from_slice(src);
+                        len
+                    });
+                    self.custody_bytes += len;
+                }
+            } else if keep && budget_ok {
+                let got = flow.custody.append(len, |b| copy_payload(start, b));
+                self.custody_bytes += got;
+            }
+            if keep && !budget_ok {
+                flow.custody.invalidate();
+                offline_late = flow.offline(OfflineReason::CustodyBudget);
+            }
+            flow.commit(&seg, fx.new_bytes);
+            committed = fx.new_bytes;
+        }
+        self.note_mode(established);
+        self.note_offline(offline.or(offline_late));
+        self.publish_gauges();
+        (committed > 0 && self.cfg.enabled && !self.draining).then_some((key, committed))
+    }
+
+    /// The frame `remote_rx` returned `flow` for is published: emit the early
+    /// ACK if the rules allow (rule 3). Appends it to `out` (an Ethernet
+    /// frame for the tap) and returns whether it did.
+    pub fn remote_published(&mut self, flow: &(FlowKey, u32), out: &mut Vec<u8>) -> bool {
+        if !self.cfg.enabled || self.draining {
+            return false;
+        }
+        let limits = self.limits();
+        let Some(f) = self.flows.get_mut(&flow.0) else {
+            return false;
+        };
+        let Some(acked) = f.early_ack(limits, out) else {
+            return false;
+        };
+        inc(&self.counters.early_acks);
+        add(&self.counters.early_acked_bytes, u64::from(acked));
+        if f.owes() {
+            self.owed.insert(flow.0);
+        }
+        true
+    }
+
+    /// The guest posted no RX buffers: flows that owe bytes go offline (rule 3).
+    pub fn no_buffer(&mut self) {
+        for key in &self.owed {
+            if let Some(f) = self.flows.get_mut(key) {
+                if let Some(r) = f.offline(OfflineReason::NoBuffer) {
+                    self.counters.offline(r);
+                }
+            }
+        }
+    }
+
+    /// Queues custody bytes of `key` for re-delivery (rule 5), or resets the
+    /// flow after too many attempts without progress.
+    fn redeliver(&mut self, key: &FlowKey, now: u64) {
+        let max = self.cfg.max_redeliveries;
+        let burst = self.cfg.redeliver_burst;
+        let Some(f) = self.flows.get_mut(key) else {
+            return;
+        };
+        // One attempt per interval: a burst causes duplicate ACKs of its own.
+        if f.redeliveries > 0
+            && now.saturating_sub(f.last_progress) < self.cfg.redeliver_after_ns / 4
+        {
+            return;
+        }
+        f.dupacks = 0;
+        if f.redeliveries >= max {
+            let mut rst = Vec::new();
+            let mut to_guest = Vec::new();
+            f.resets(&mut rst, &mut to_guest);
+            let q = f.queue.min(self.to_guest.len() - 1);
+            self.to_host.push_back(rst);
+            self.to_guest[q].extend(to_guest);
+            inc(&self.counters.resets);
+            self.forget(key);
+            return;
+        }
+        if let Some(r) = f.offline(OfflineReason::RedeliveryTimeout) {
+            self.counters.offline(r);
+        }
+        let q = f.queue.min(self.to_guest.len() - 1);
+        let mut frames = Vec::new();
+        let bytes = f.redelivery(burst, &mut frames);
+        f.redeliveries += 1;
+        f.last_progress = now;
+        if bytes == 0 {
+            return;
+        }
+        inc(&self.counters.redeliveries);
+        add(&self.counters.redelivered_bytes, bytes as u64);
+        let outbox = &mut self.to_guest[q];
+        for frame in frames {
+            if outbox.len() >= OUTBOX_LIMIT {
+                inc(&self.counters.redelivery_dropped);
+            } else {
+                outbox.push_back(frame);
+            }
+        }
+    }
+
+    /// Periodic work: re-deliver custody the guest has not acknowledged in
+    /// time (backing off), forget idle flows.
+    pub fn tick(&mut self, now: u64) {
+        let due: Vec<FlowKey> = self
+            .owed
+            .iter()
+            .filter(|k| {
+                self.flows.get(k).is_some_and(|f| {
+                    let wait = self.cfg.redeliver_after_ns << f.redeliveries.min(6);
+                    now.saturating_sub(f.last_progress) >= wait
+                })
+            })
+            .copied()
+            .collect();
+        for key in due {
+            self.redeliver(&key, now);
+        }
+        if now.saturating_sub(self.last_sweep) >= SWEEP_NS {
+            self.last_sweep = now;
+            let mut freed = 0usize;
+            self.flows.retain(|_, f| {
+                let idle = now.saturating_sub(f.last_seen);
+                let limit = if f.active() || matches!(f.mode, Mode::Offline(_)) {
+                    IDLE_NS
+                } else {
+                    IDLE_SHORT_NS
+                };
+                let keep = f.owes() || idle < limit;
+                if !keep {
+                    freed += f.custody.held();
+                }
+                keep
+            });
+            self.custody_bytes -= freed.min(self.custody_bytes);
+            self.publish_gauges();
+        }
+    }
+
+    /// Takes the frames waiting for queue pair `queue`'s RX ring.
+    pub fn take_guest_frames(&mut self, queue: usize, out: &mut Vec<Vec<u8>>) {
+        if let Some(q) = self.to_guest.get_mut(queue) {
+            out.extend(q.drain(..));
+        }
+    }
+
+    /// Whether frames wait for queue pair `queue`'s RX ring.
+    pub fn has_guest_frames(&self, queue: usize) -> bool {
+        self.to_guest.get(queue).is_some_and(|q| !q.is_empty())
+    }
+
+    /// Takes the frames waiting for the tap.
+    pub fn take_host_frames(&mut self, out: &mut Vec<Vec<u8>>) {
+        out.extend(self.to_host.drain(..));
+    }
+
+    /// A frame from the outbox could not be delivered (no guest buffers).
+    pub fn guest_frame_dropped(&self) {
+        inc(&self.counters.redelivery_dropped);
+    }
+
+    /// Flows tracked.
+    pub fn flows(&self) -> usize {
+        self.flows.len()
+    }
+
+    /// Custody bytes held.
+    pub fn custody_bytes(&self) -> usize {
+        self.custody_bytes
+    }
+
+    /// The mode of a flow (tests and diagnostics).
+    pub fn mode_of(&self, key: &FlowKey) -> Option<Mode> {
+        self.flows.get(key).map(|f| f.mode)
+    }
+}
+
+/// The engine as the daemon shares it: one lock, counters outside it, and a
+/// lock-free hint the data path checks before parsing anything.
+pub struct OffloadPort {
+    engine: Mutex<AckOffload>,
+    /// Counters (also readable while the data path holds the lock).
+    pub counters: Arc<OffloadCounters>,
+    busy: AtomicBool,
+    enabled: AtomicBool,
+    draining: AtomicBool,
+}
+
+impl OffloadPort {
+    /// A port for `queue_pairs` queue pairs.
+    pub fn new(cfg: OffloadConfig, queue_pairs: usize) -> Self {
+        let counters = Arc::new(OffloadCounters::default());
+        OffloadPort {
+            busy: AtomicBool::new(cfg.enabled),
+            enabled: AtomicBool::new(cfg.enabled),
+            draining: AtomicBool::new(false),
+            engine: Mutex::new(AckOffload::new(cfg, queue_pairs, counters.clone())),
+            counters,
+        }
+    }
+
+    /// Whether the data path must consult the engine at all.
+    #[inline]
+    pub fn busy(&self) -> bool {
+        self.busy.load(Ordering::Relaxed)
+    }
+
+    /// Locks the engine. A poisoned lock (a panic elsewhere) is taken over:
+    /// the engine's state stays consistent per call.
+    pub fn lock(&self) -> MutexGuard<'_, AckOffload> {
+        self.engine.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Re-evaluates the `busy` hint after the engine changed.
+    pub fn refresh(&self, engine: &AckOffload) {
+        self.busy.store(!engine.idle(), Ordering::Relaxed);
+    }
+
+    /// The run-time switch.
+    pub fn set_enabled(&self, on: bool) {
+        let mut e = self.lock();
+        e.set_enabled(on);
+        self.enabled.store(on, Ordering::Relaxed);
+        self.refresh(&e);
+    }
+
+    /// Migration drain on/off.
+    pub fn set_draining(&self, on: bool) {
+        let mut e = self.lock();
+        e.set_draining(on);
+        self.draining.store(on, Ordering::Relaxed);
+    }
+
+    /// Counters snapshot.
+    pub fn stats(&self) -> OffloadStats {
+        self.counters.snapshot(
+            self.enabled.load(Ordering::Relaxed),
+            self.draining.load(Ordering::Relaxed),
+        )
+    }
+}

@@ -1,0 +1,933 @@
+//! One test (at least) per contract rule, with frames built by etherparse:
+//! a remote sender at 10.0.0.1:80 and the guest at 10.0.0.2:5000.
+
+use super::flow::{Mode, OfflineReason, TxVerdict};
+use super::wire::{self, flags, TcpSegment};
+use super::*;
+use etherparse::{PacketBuilder, TcpOptionElement};
+
+const REMOTE_ISN: u32 = 1_000;
+const GUEST_ISN: u32 = 50_000;
+const GUEST_WS: u8 = 2;
+
+/// Options of a test connection.
+#[derive(Clone, Copy)]
+struct Conn {
+    timestamps: bool,
+    wscale: bool,
+    ecn: bool,
+    ipv6: bool,
+}
+
+impl Default for Conn {
+    fn default() -> Self {
+        Conn {
+            timestamps: true,
+            wscale: true,
+            ecn: false,
+            ipv6: false,
+        }
+    }
+}
+
+/// One TCP segment to build.
+#[derive(Clone, Default)]
+struct Seg {
+    seq: u32,
+    ack: u32,
+    flags: u8,
+    window: u16,
+    ts: Option<(u32, u32)>,
+    sack: Vec<(u32, u32)>,
+    payload: Vec<u8>,
+    ce: bool,
+    extra: Vec<TcpOptionElement>,
+}
+
+fn build(conn: &Conn, from_guest: bool, s: &Seg) -> Vec<u8> {
+    let (smac, dmac) = if from_guest {
+        ([2; 6], [1; 6])
+    } else {
+        ([1; 6], [2; 6])
+    };
+    let (sport, dport) = if from_guest { (5000, 80) } else { (80, 5000) };
+    let b = PacketBuilder::ethernet2(smac, dmac);
+    let b = if conn.ipv6 {
+        let (a, z) = ([0xfd; 16], [0xfe; 16]);
+        let (src, dst) = if from_guest { (z, a) } else { (a, z) };
+        b.ipv6(src, dst, 64)
+    } else {
+        let (src, dst) = if from_guest {
+            ([10, 0, 0, 2], [10, 0, 0, 1])
+        } else {
+            ([10, 0, 0, 1], [10, 0, 0, 2])
+        };
+        b.ipv4(src, dst, 64)
+    };
+    let mut t = b.tcp(sport, dport, s.seq, s.window);
+    if s.flags & flags::ACK != 0 {
+        t = t.ack(s.ack);
+    }
+    if s.flags & flags::SYN != 0 {
+        t = t.syn();
+    }
+    if s.flags & flags::FIN != 0 {
+        t = t.fin();
+    }
+    if s.flags & flags::RST != 0 {
+        t = t.rst();
+    }
+    if s.flags & flags::PSH != 0 {
+        t = t.psh();
+    }
+    if s.flags & flags::URG != 0 {
+        t = t.urg(0);
+    }
+    if s.flags & flags::ECE != 0 {
+        t = t.ece();
+    }
+    if s.flags & flags::CWR != 0 {
+        t = t.cwr();
+    }
+    let mut opts = s.extra.clone();
+    if let Some((a, b)) = s.ts {
+        opts.push(TcpOptionElement::Timestamp(a, b));
+    }
+    if !s.sack.is_empty() {
+        let mut rest = [None, None, None];
+        for (i, b) in s.sack.iter().skip(1).enumerate() {
+            rest[i] = Some(*b);
+        }
+        opts.push(TcpOptionElement::SelectiveAcknowledgement(s.sack[0], rest));
+    }
+    let t = t.options(&opts).unwrap();
+    let mut out = Vec::new();
+    t.write(&mut out, &s.payload).unwrap();
+    if s.ce {
+        // ECN CE in the IPv4 TOS byte (fix the header checksum).
+        out[15] |= 3;
+        wire::set_ipv4_checksum(&mut out[14..34]);
+    }
+    out
+}
+
+fn parse(frame: &[u8]) -> TcpSegment {
+    wire::parse(frame, frame.len()).expect("a TCP frame")
+}
+
+/// The engine and a clock; the data path's calls in the data path's order.
+struct Harness {
+    eng: AckOffload,
+    counters: Arc<OffloadCounters>,
+    conn: Conn,
+    now: u64,
+    /// Largest TSval the remote used.
+    remote_ts: u32,
+    guest_ts: u32,
+    /// Remote's next sequence number.
+    rseq: u32,
+}
+
+impl Harness {
+    fn new(conn: Conn) -> Harness {
+        Harness::with(conn, OffloadConfig::default())
+    }
+
+    fn with(conn: Conn, cfg: OffloadConfig) -> Harness {
+        let counters = Arc::new(OffloadCounters::default());
+        Harness {
+            eng: AckOffload::new(cfg, 1, counters.clone()),
+            counters,
+            conn,
+            now: 1_000_000,
+            remote_ts: 7_000,
+            guest_ts: 90_000,
+            rseq: REMOTE_ISN + 1,
+        }
+    }
+
+    fn stats(&self) -> OffloadStats {
+        self.counters
+            .snapshot(self.eng.enabled(), self.eng.draining())
+    }
+
+    /// A remote frame through RX: returns the early ACK, if any.
+    fn rx_frame(&mut self, frame: &[u8], checksum: RxChecksum) -> Option<Vec<u8>> {
+        self.now += 1_000;
+        let f = frame.to_vec();
+        let mut copy = |off: usize, buf: &mut [u8]| {
+            let n = buf.len().min(f.len().saturating_sub(off));
+            buf[..n].copy_from_slice(&f[off..off + n]);
+            n
+        };
+        let token = self
+            .eng
+            .remote_rx(0, frame, frame.len(), checksum, &mut copy, self.now)?;
+        let mut out = Vec::new();
+        self.eng.remote_published(&token, &mut out).then_some(out)
+    }
+
+    fn rx(&mut self, s: Seg) -> Option<Vec<u8>> {
+        let f = build(&self.conn, false, &s);
+        self.rx_frame(&f, RxChecksum::Partial)
+    }
+
+    /// A guest frame through TX: the verdict and the frame as sent.
+    fn tx_frame(&mut self, frame: &[u8], needs_csum: bool) -> (TxVerdict, Vec<u8>) {
+        self.now += 1_000;
+        let mut f = frame.to_vec();
+        let v = self.eng.guest_tx(&mut f, frame.len(), needs_csum, self.now);
+        (v, f)
+    }
+
+    fn tx(&mut self, s: Seg) -> (TxVerdict, Vec<u8>) {
+        let f = build(&self.conn, true, &s);
+        self.tx_frame(&f, false)
+    }
+
+    fn ts_r(&mut self) -> Option<(u32, u32)> {
+        self.remote_ts += 1;
+        self.conn
+            .timestamps
+            .then_some((self.remote_ts, self.guest_ts))
+    }
+
+    fn ts_g(&mut self) -> Option<(u32, u32)> {
+        self.guest_ts += 1;
+        self.conn
+            .timestamps
+            .then_some((self.guest_ts, self.remote_ts))
+    }
+
+    /// Remote-initiated handshake; the flow is Active afterwards.
+    fn handshake(&mut self) {
+        let mut syn_opts = vec![TcpOptionElement::MaximumSegmentSize(1460)];
+        if self.conn.wscale {
+            syn_opts.push(TcpOptionElement::WindowScale(7));
+        }
+        let ts = self.ts_r();
+        let ecn = if self.conn.ecn {
+            flags::ECE | flags::CWR
+        } else {
+            0
+        };
+        assert!(self
+            .rx(Seg {
+                seq: REMOTE_ISN,
+                flags: flags::SYN | ecn,
+                window: 64_240,
+                ts,
+                extra: syn_opts,
+                ..Seg::default()
+            })
+            .is_none());
+        let mut opts = vec![TcpOptionElement::MaximumSegmentSize(1460)];
+        if self.conn.wscale {
+            opts.push(TcpOptionElement::WindowScale(GUEST_WS));
+        }
+        let ts = self.ts_g();
+        let ecn = if self.conn.ecn { flags::ECE } else { 0 };
+        let (v, _) = self.tx(Seg {
+            seq: GUEST_ISN,
+            ack: REMOTE_ISN + 1,
+            flags: flags::SYN | flags::ACK | ecn,
+            window: 65_000,
+            ts,
+            extra: opts,
+            ..Seg::default()
+        });
+        assert_eq!(v, TxVerdict::Pass);
+        let ts = self.ts_r();
+        assert!(self
+            .rx(Seg {
+                seq: REMOTE_ISN + 1,
+                ack: GUEST_ISN + 1,
+                flags: flags::ACK,
+                window: 502,
+                ts,
+                ..Seg::default()
+            })
+            .is_none());
+        // The guest's first window update after the handshake (scaled).
+        let ts = self.ts_g();
+        self.guest_ack(REMOTE_ISN + 1, 1000, ts);
+        assert_eq!(self.stats().flows_offloaded, 1);
+    }
+
+    fn guest_ack(&mut self, ack: u32, window: u16, ts: Option<(u32, u32)>) -> (TxVerdict, Vec<u8>) {
+        self.tx(Seg {
+            seq: GUEST_ISN + 1,
+            ack,
+            flags: flags::ACK,
+            window,
+            ts,
+            ..Seg::default()
+        })
+    }
+
+    /// The next `len` bytes from the remote, in order.
+    fn data(&mut self, len: usize) -> Option<Vec<u8>> {
+        let ts = self.ts_r();
+        let seq = self.rseq;
+        self.rseq = self.rseq.wrapping_add(len as u32);
+        self.rx(Seg {
+            seq,
+            ack: GUEST_ISN + 1,
+            flags: flags::ACK | flags::PSH,
+            window: 502,
+            ts,
+            payload: (0..len).map(|i| (seq as usize + i) as u8).collect(),
+            ..Seg::default()
+        })
+    }
+
+    fn key(&self) -> FlowKey {
+        let f = build(&self.conn, true, &Seg::default());
+        FlowKey::of(&parse(&f), true)
+    }
+
+    fn mode(&self) -> Mode {
+        self.eng.mode_of(&self.key()).expect("flow tracked")
+    }
+}
+
+fn right_edge(ack: &TcpSegment) -> u64 {
+    u64::from(ack.ack) + (u64::from(ack.window) << GUEST_WS)
+}
+
+fn tcp_ok(frame: &[u8]) -> bool {
+    let s = parse(frame);
+    wire::tcp_checksum_ok(&s, &frame[s.tcp_at..])
+}
+
+#[test]
+fn early_ack_follows_published_data_with_every_field_per_the_rules() {
+    let mut h = Harness::new(Conn::default());
+    h.handshake();
+    let ack = parse(&h.data(1000).expect("early ACK"));
+    assert_eq!(ack.ack, REMOTE_ISN + 1 + 1000);
+    // Rule 7: our sequence number is the guest's snd_nxt.
+    assert_eq!(ack.seq, GUEST_ISN + 1);
+    // Rule 6: the window never reaches past Gedge (guest ack + 1000 << 2).
+    let gedge = u64::from(REMOTE_ISN + 1) + (1000 << GUEST_WS);
+    assert!(right_edge(&ack) <= gedge);
+    assert!(gedge - right_edge(&ack) < 1 << GUEST_WS);
+    // Rule 8: TSval is the guest's largest; rule 9: TSecr echoes the segment.
+    assert_eq!(ack.options.timestamps, Some((h.guest_ts, h.remote_ts)));
+    assert!(ack.is_pure_ack() && ack.ecn == 0 && !ack.has(flags::ECE));
+    assert!(tcp_ok(&h.data(10).unwrap()));
+    let s = h.stats();
+    assert_eq!((s.early_acks, s.early_acked_bytes), (2, 1010));
+}
+
+#[test]
+fn rule_1_mid_stream_flows_are_never_offloaded() {
+    let mut h = Harness::new(Conn::default());
+    assert!(h.data(100).is_none());
+    assert!(h.data(100).is_none());
+    assert_eq!(h.stats().passthrough["mid_stream"], 1);
+    assert_eq!(h.stats().flows_offloaded, 0);
+    // The guest's ACKs pass untouched.
+    let (v, _) = h.guest_ack(REMOTE_ISN + 1, 100, None);
+    assert_eq!(v, TxVerdict::Pass);
+}
+
+#[test]
+fn rule_1_md5_ao_mptcp_fastopen_accecn_and_urg_stay_pass_through() {
+    let cases: Vec<(Vec<TcpOptionElement>, u8, Vec<u8>, &str)> = vec![
+        (
+            vec![TcpOptionElement::Noop; 0],
+            flags::URG,
+            vec![],
+            "urgent",
+        ),
+        (vec![], 0, b"tfo".to_vec(), "syn_data"),
+    ];
+    for (extra, extra_flags, payload, reason) in cases {
+        let mut h = Harness::new(Conn::default());
+        h.rx(Seg {
+            seq: REMOTE_ISN,
+            flags: flags::SYN | extra_flags,
+            window: 1000,
+            extra,
+            payload,
+            ..Seg::default()
+        });
+        assert_eq!(h.stats().passthrough[reason], 1, "{reason}");
+    }
+    // Option kinds etherparse cannot build: patch a NOP block.
+    for (kind, reason) in [
+        (wire::option::MD5, "md5"),
+        (wire::option::AO, "tcp_ao"),
+        (wire::option::MPTCP, "mptcp"),
+        (wire::option::FASTOPEN, "syn_data"),
+    ] {
+        let mut h = Harness::new(Conn::default());
+        let mut f = build(
+            &h.conn,
+            false,
+            &Seg {
+                seq: REMOTE_ISN,
+                flags: flags::SYN,
+                window: 1000,
+                extra: vec![TcpOptionElement::Noop; 4],
+                ..Seg::default()
+            },
+        );
+        let opt = 14 + 20 + 20;
+        f[opt] = kind;
+        f[opt + 1] = 4;
+        let s = parse(&f);
+        let t = s.tcp_at;
+        wire::set_tcp_checksum(s.version, &s.src, &s.dst, &mut f[t..]);
+        h.rx_frame(&f, RxChecksum::Valid);
+        assert_eq!(h.stats().passthrough[reason], 1, "{reason}");
+    }
+    // AccECN: the SYN sets AE (bit 0 of byte 12) with ECE and CWR.
+    let mut h = Harness::new(Conn::default());
+    let mut f = build(
+        &h.conn,
+        false,
+        &Seg {
+            seq: REMOTE_ISN,
+            flags: flags::SYN | flags::ECE | flags::CWR,
+            window: 1000,
+            ..Seg::default()
+        },
+    );
+    f[14 + 20 + 12] |= 1;
+    h.rx_frame(&f, RxChecksum::Valid);
+    assert_eq!(h.stats().passthrough["accecn"], 1);
+}
+
+#[test]
+fn rule_1_an_accecn_responder_keeps_the_flow_out() {
+    let mut h = Harness::new(Conn {
+        ecn: true,
+        ..Conn::default()
+    });
+    h.rx(Seg {
+        seq: REMOTE_ISN,
+        flags: flags::SYN | flags::ECE | flags::CWR,
+        window: 1000,
+        ..Seg::default()
+    });
+    // An AccECN responder answers with CWR set (RFC 9768 table 2).
+    h.tx(Seg {
+        seq: GUEST_ISN,
+        ack: REMOTE_ISN + 1,
+        flags: flags::SYN | flags::ACK | flags::CWR,
+        window: 1000,
+        ..Seg::default()
+    });
+    h.rx(Seg {
+        seq: REMOTE_ISN + 1,
+        ack: GUEST_ISN + 1,
+        flags: flags::ACK,
+        window: 1000,
+        ..Seg::default()
+    });
+    assert_eq!(h.stats().passthrough["accecn"], 1);
+    assert!(h.data(100).is_none());
+}
+
+#[test]
+fn rule_2_a_hole_stops_early_acks_until_the_guest_catches_up() {
+    let mut h = Harness::new(Conn::default());
+    h.handshake();
+    assert!(h.data(100).is_some());
+    // Skip 100 bytes: out of order.
+    h.rseq += 100;
+    assert!(h.data(100).is_none());
+    assert_eq!(h.mode(), Mode::Offline(OfflineReason::Hole));
+    assert_eq!(h.stats().offline["hole"], 1);
+    // The retransmission fills the hole: still no early ACK (offline).
+    let ts = h.ts_r();
+    let hole = REMOTE_ISN + 1 + 100;
+    assert!(h
+        .rx(Seg {
+            seq: hole,
+            ack: GUEST_ISN + 1,
+            flags: flags::ACK,
+            window: 502,
+            ts,
+            payload: vec![0; 100],
+            ..Seg::default()
+        })
+        .is_none());
+    // The guest acknowledges everything (it held the rest out of order).
+    let ts = h.ts_g();
+    let (v, _) = h.guest_ack(h.rseq, 1000, ts);
+    assert_eq!(v, TxVerdict::Pass);
+    assert_eq!(h.mode(), Mode::Active);
+    assert_eq!(h.stats().back_online, 1);
+    let ack = parse(&h.data(50).expect("online again"));
+    assert_eq!(ack.ack, h.rseq);
+}
+
+#[test]
+fn rule_4_unverified_data_is_acknowledged_only_with_a_good_checksum() {
+    let mut h = Harness::new(Conn::default());
+    h.handshake();
+    let ts = h.ts_r();
+    let seg = Seg {
+        seq: h.rseq,
+        ack: GUEST_ISN + 1,
+        flags: flags::ACK,
+        window: 502,
+        ts,
+        payload: vec![9; 300],
+        ..Seg::default()
+    };
+    let mut bad = build(&h.conn, false, &seg);
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    assert!(h.rx_frame(&bad, RxChecksum::Unknown).is_none());
+    assert_eq!(h.stats().offline["bad_checksum"], 1);
+    // The same segment intact (the sender's retransmission) is fine, once
+    // the flow is back online.
+    let ts = h.ts_g();
+    h.guest_ack(h.rseq, 1000, ts);
+    let good = build(&h.conn, false, &seg);
+    assert!(h.rx_frame(&good, RxChecksum::Unknown).is_some());
+}
+
+#[test]
+fn rule_5_custody_redelivers_what_the_guest_dropped_and_suppresses_its_dupacks() {
+    let mut h = Harness::new(Conn::default());
+    h.handshake();
+    let start = h.rseq;
+    for _ in 0..3 {
+        assert!(h.data(500).is_some());
+    }
+    assert_eq!(h.eng.custody_bytes(), 1500);
+    // The guest dropped everything: duplicate ACKs at the old point.
+    let ts = h.ts_g();
+    assert_eq!(h.guest_ack(start, 1000, ts).0, TxVerdict::Suppress);
+    let ts = h.ts_g();
+    assert_eq!(h.guest_ack(start, 1000, ts).0, TxVerdict::Suppress);
+    let mut frames = Vec::new();
+    h.eng.take_guest_frames(0, &mut frames);
+    assert!(!frames.is_empty());
+    let mut got = Vec::new();
+    for f in &frames {
+        let s = parse(f);
+        assert!(tcp_ok(f));
+        assert_eq!(s.seq, start + got.len() as u32);
+        // Re-delivered segments carry the remote's newest TSval (PAWS-safe).
+        assert_eq!(s.options.timestamps.unwrap().0, h.remote_ts);
+        got.extend_from_slice(&f[s.payload_at..]);
+    }
+    let want: Vec<u8> = (0..1500).map(|i| (start as usize + i) as u8).collect();
+    assert_eq!(got, want);
+    let s = h.stats();
+    assert_eq!((s.redeliveries, s.redelivered_bytes), (1, 1500));
+    // The guest confirms: custody empties.
+    let ts = h.ts_g();
+    assert_eq!(h.guest_ack(h.rseq, 1000, ts).0, TxVerdict::Pass);
+    assert_eq!(h.eng.custody_bytes(), 0);
+}
+
+#[test]
+fn rule_5_a_silent_guest_gets_redeliveries_then_both_ends_are_reset() {
+    let mut h = Harness::new(Conn::default());
+    h.handshake();
+    assert!(h.data(800).is_some());
+    let mut frames = Vec::new();
+    let mut t = h.now;
+    for _ in 0..60 {
+        t += 1_500_000_000;
+        h.eng.tick(t);
+    }
+    let s = h.stats();
+    assert!(s.redeliveries >= 3, "{s:?}");
+    assert_eq!(s.resets, 1);
+    assert_eq!(h.eng.flows(), 0);
+    assert_eq!(h.eng.custody_bytes(), 0);
+    let mut host = Vec::new();
+    h.eng.take_host_frames(&mut host);
+    assert_eq!(host.len(), 1);
+    let rst = parse(&host[0]);
+    assert!(rst.has(flags::RST) && tcp_ok(&host[0]));
+    assert_eq!((rst.sport, rst.seq), (5000, GUEST_ISN + 1));
+    h.eng.take_guest_frames(0, &mut frames);
+    let to_guest: Vec<_> = frames.iter().map(|f| parse(f)).collect();
+    assert!(to_guest
+        .iter()
+        .any(|s| s.has(flags::RST) && s.dport == 5000));
+}
+
+#[test]
+fn rule_5_no_custody_budget_means_no_offload() {
+    let mut h = Harness::with(
+        Conn::default(),
+        OffloadConfig {
+            custody_budget: 1000,
+            ..OffloadConfig::default()
+        },
+    );
+    h.handshake();
+    assert!(h.data(800).is_some());
+    // This one does not fit: not acknowledged early.
+    assert!(h.data(800).is_none());
+    assert_eq!(h.stats().offline["custody_budget"], 1);
+    assert!(h.eng.custody_bytes() <= 1000);
+}
+
+#[test]
+fn rule_6_window_bound_zero_window_and_retracted_edge() {
+    let mut h = Harness::with(
+        Conn::default(),
+        OffloadConfig {
+            window_bound: 1024,
+            ..OffloadConfig::default()
+        },
+    );
+    h.handshake();
+    let ack = parse(&h.data(100).unwrap());
+    assert!(u32::from(ack.window) << GUEST_WS <= 1024);
+    // Zero window: offline, and no early ACK however much arrives.
+    let ts = h.ts_g();
+    h.guest_ack(h.rseq, 0, ts);
+    assert_eq!(h.mode(), Mode::Offline(OfflineReason::ZeroWindow));
+    assert!(
+        h.data(1).is_none(),
+        "zero-window probe goes to the guest, unacknowledged"
+    );
+    // A retracted edge also takes the flow offline.
+    let mut h = Harness::new(Conn::default());
+    h.handshake();
+    h.data(100).unwrap();
+    let ts = h.ts_g();
+    h.guest_ack(REMOTE_ISN + 1 + 100, 10, ts);
+    assert_eq!(h.mode(), Mode::Offline(OfflineReason::WindowRetracted));
+}
+
+#[test]
+fn rule_6_the_ack_never_passes_the_guest_edge() {
+    let mut h = Harness::new(Conn::default());
+    h.handshake();
+    // Gedge = Gack + 1000 << 2 = 4000 bytes: send 6000.
+    let mut last = None;
+    for _ in 0..6 {
+        if let Some(a) = h.data(1000) {
+            last = Some(parse(&a));
+        }
+    }
+    let a = last.unwrap();
+    assert_eq!(a.ack, REMOTE_ISN + 1 + 4000);
+    assert_eq!(a.window, 0);
+}
+
+#[test]
+fn rule_8_and_9_timestamps_never_run_ahead_or_backwards() {
+    let mut h = Harness::new(Conn::default());
+    h.handshake();
+    let a1 = parse(&h.data(100).unwrap()).options.timestamps.unwrap();
+    // An older remote TSval on the next in-order segment (reordered clocks).
+    let seq = h.rseq;
+    h.rseq += 100;
+    let a2 = h
+        .rx(Seg {
+            seq,
+            ack: GUEST_ISN + 1,
+            flags: flags::ACK,
+            window: 502,
+            ts: Some((h.remote_ts - 5, h.guest_ts)),
+            payload: vec![1; 100],
+            ..Seg::default()
+        })
+        .map(|f| parse(&f).options.timestamps.unwrap())
+        .unwrap();
+    assert_eq!(a1.0, h.guest_ts);
+    assert_eq!(a2.0, h.guest_ts);
+    assert!(a2.1 >= a1.1, "TSecr went back: {a1:?} -> {a2:?}");
+    // A guest packet echoing an older TSval is rewritten up.
+    let (v, f) = h.tx(Seg {
+        seq: GUEST_ISN + 1,
+        ack: REMOTE_ISN + 1,
+        flags: flags::ACK | flags::PSH,
+        window: 1000,
+        ts: Some((h.guest_ts + 1, a1.1 - 3)),
+        payload: b"reply".to_vec(),
+        ..Seg::default()
+    });
+    assert_eq!(v, TxVerdict::Rewritten);
+    let s = parse(&f);
+    assert_eq!(s.options.timestamps.unwrap().1, a2.1);
+    assert!(tcp_ok(&f));
+}
+
+#[test]
+fn rule_10_stale_guest_acks_are_suppressed_and_others_rewritten() {
+    let mut h = Harness::new(Conn::default());
+    h.handshake();
+    let start = h.rseq;
+    h.data(1000).unwrap();
+    h.data(1000).unwrap();
+    let e = h.rseq;
+    // A pure ACK below E with nothing new (its edge is where the sender
+    // already was told): suppressed.
+    let ts = h.ts_g();
+    assert_eq!(h.guest_ack(start + 1000, 750, ts).0, TxVerdict::Suppress);
+    // The guest sends data with a stale ACK: rewritten to E, checksum fixed
+    // incrementally (the payload stays as it was).
+    let ts = h.ts_g();
+    let (v, f) = h.tx(Seg {
+        seq: GUEST_ISN + 1,
+        ack: start + 1000,
+        flags: flags::ACK | flags::PSH,
+        window: 1000,
+        ts,
+        payload: b"hello".to_vec(),
+        ..Seg::default()
+    });
+    assert_eq!(v, TxVerdict::Rewritten);
+    let s = parse(&f);
+    assert_eq!(s.ack, e);
+    assert!(
+        u64::from(s.ack) + (u64::from(s.window) << GUEST_WS)
+            <= u64::from(start + 1000) + (1000 << GUEST_WS)
+    );
+    assert!(tcp_ok(&f));
+    assert_eq!(&f[s.payload_at..], b"hello");
+    // The first guest ACK that reaches E passes (it carries the fresh window).
+    let ts = h.ts_g();
+    assert_eq!(h.guest_ack(e, 1000, ts).0, TxVerdict::Pass);
+    // An ACK beyond E passes and moves E.
+    h.data(10).unwrap();
+    let ts = h.ts_g();
+    let (v, f) = h.guest_ack(h.rseq, 1000, ts);
+    assert_ne!(v, TxVerdict::Suppress);
+    assert_eq!(parse(&f).ack, h.rseq);
+    let s = h.stats();
+    assert_eq!((s.guest_acks_suppressed, s.guest_acks_rewritten), (1, 1));
+}
+
+#[test]
+fn rule_10_needs_csum_packets_keep_their_seed_and_sack_below_e_is_removed() {
+    let mut h = Harness::new(Conn::default());
+    h.handshake();
+    let start = h.rseq;
+    h.data(1000).unwrap();
+    h.data(1000).unwrap();
+    let e = h.rseq;
+    let ts = h.ts_g();
+    let seg = Seg {
+        seq: GUEST_ISN + 1,
+        ack: start,
+        flags: flags::ACK,
+        window: 1000,
+        ts,
+        sack: vec![(start + 1000, start + 2000), (e + 100, e + 200)],
+        ..Seg::default()
+    };
+    let f = build(&h.conn, true, &seg);
+    let seed = parse(&f).checksum;
+    let (v, out) = h.tx_frame(&f, true);
+    assert_eq!(v, TxVerdict::Rewritten);
+    let s = parse(&out);
+    assert_eq!(
+        s.checksum, seed,
+        "NEEDS_CSUM: the checksum field is left alone"
+    );
+    assert_eq!(s.ack, e);
+    let blocks: Vec<_> = wire::sack_blocks(&out, &s).collect();
+    assert_eq!(blocks, vec![(e + 100, e + 200)]);
+}
+
+#[test]
+fn rule_11_ce_marks_are_echoed_until_cwr() {
+    let mut h = Harness::new(Conn {
+        ecn: true,
+        ..Conn::default()
+    });
+    h.handshake();
+    let ts = h.ts_r();
+    let seq = h.rseq;
+    h.rseq += 100;
+    let a = h
+        .rx(Seg {
+            seq,
+            ack: GUEST_ISN + 1,
+            flags: flags::ACK,
+            window: 502,
+            ts,
+            payload: vec![0; 100],
+            ce: true,
+            ..Seg::default()
+        })
+        .unwrap();
+    let a = parse(&a);
+    assert!(a.has(flags::ECE));
+    assert_eq!(a.ecn, 0, "our ACKs are Not-ECT");
+    assert!(parse(&h.data(10).unwrap()).has(flags::ECE));
+    // The sender reduced its window.
+    let ts = h.ts_r();
+    let seq = h.rseq;
+    h.rseq += 10;
+    let a = h
+        .rx(Seg {
+            seq,
+            ack: GUEST_ISN + 1,
+            flags: flags::ACK | flags::CWR,
+            window: 502,
+            ts,
+            payload: vec![0; 10],
+            ..Seg::default()
+        })
+        .unwrap();
+    assert!(!parse(&a).has(flags::ECE));
+}
+
+#[test]
+fn rule_12_every_published_segment_is_acknowledged() {
+    let mut h = Harness::new(Conn::default());
+    h.handshake();
+    for _ in 0..2 {
+        assert!(h.data(1448).is_some());
+    }
+    // A GRO/GSO super-segment: one ACK for it, up to the guest's edge
+    // (Gedge = Gack + 1000 << 2).
+    let big = h.data(3000).map(|f| parse(&f).ack);
+    assert_eq!(big, Some(REMOTE_ISN + 1 + 4000));
+}
+
+#[test]
+fn rule_13_fin_and_rst_sequence_space_is_never_acknowledged() {
+    let mut h = Harness::new(Conn::default());
+    h.handshake();
+    h.data(100).unwrap();
+    let ts = h.ts_r();
+    let seq = h.rseq;
+    assert!(h
+        .rx(Seg {
+            seq,
+            ack: GUEST_ISN + 1,
+            flags: flags::ACK | flags::FIN,
+            window: 502,
+            ts,
+            payload: vec![1; 50],
+            ..Seg::default()
+        })
+        .is_none());
+    assert_eq!(h.mode(), Mode::Offline(OfflineReason::RemoteFin));
+    // The guest FIN also ends the offload; RST frees the flow.
+    let mut h = Harness::new(Conn::default());
+    h.handshake();
+    let ts = h.ts_g();
+    h.tx(Seg {
+        seq: GUEST_ISN + 1,
+        ack: h.rseq,
+        flags: flags::ACK | flags::FIN,
+        window: 1000,
+        ts,
+        ..Seg::default()
+    });
+    assert_eq!(h.mode(), Mode::Offline(OfflineReason::GuestFin));
+    assert!(h.data(10).is_none());
+    h.rx(Seg {
+        seq: h.rseq,
+        flags: flags::RST,
+        ..Seg::default()
+    });
+    assert_eq!(h.eng.flows(), 0);
+}
+
+#[test]
+fn rule_14_a_full_table_passes_new_flows_and_owed_flows_never_age_out() {
+    let mut h = Harness::with(
+        Conn::default(),
+        OffloadConfig {
+            max_flows: 1,
+            redeliver_after_ns: u64::MAX / 256,
+            ..OffloadConfig::default()
+        },
+    );
+    h.handshake();
+    h.data(100).unwrap();
+    // A second flow (other port) finds the table full.
+    let mut f = build(
+        &h.conn,
+        false,
+        &Seg {
+            seq: 5,
+            flags: flags::SYN,
+            window: 100,
+            ..Seg::default()
+        },
+    );
+    f[14 + 20 + 1] = 81; // source port 81
+    let s = parse(&f);
+    let t = s.tcp_at;
+    wire::set_tcp_checksum(s.version, &s.src, &s.dst, &mut f[t..]);
+    h.rx_frame(&f, RxChecksum::Valid);
+    assert_eq!(h.stats().passthrough["table_full"], 1);
+    // Ten idle minutes later the owed flow is still there.
+    h.eng.tick(h.now + 600_000_000_000);
+    assert_eq!(h.eng.flows(), 1);
+    // Once the guest caught up it ages out.
+    let ts = h.ts_g();
+    h.guest_ack(h.rseq, 1000, ts);
+    h.eng.tick(h.now + 1_200_000_000_000);
+    assert_eq!(h.eng.flows(), 0);
+}
+
+#[test]
+fn rule_15_draining_stops_early_acks_but_keeps_rewriting() {
+    let mut h = Harness::new(Conn::default());
+    h.handshake();
+    let start = h.rseq;
+    h.data(1000).unwrap();
+    h.eng.set_draining(true);
+    assert!(h.data(1000).is_none());
+    assert!(!h.eng.drained());
+    let ts = h.ts_g();
+    assert_eq!(h.guest_ack(start, 1000, ts).0, TxVerdict::Suppress);
+    let ts = h.ts_g();
+    h.guest_ack(h.rseq, 1000, ts);
+    assert!(h.eng.drained());
+    h.eng.set_draining(false);
+    assert!(h.data(10).is_some());
+    assert_eq!(h.stats().drains, 1);
+}
+
+#[test]
+fn rule_16_switching_off_stops_early_acks_and_new_flows() {
+    let mut h = Harness::new(Conn::default());
+    h.handshake();
+    h.data(100).unwrap();
+    h.eng.set_enabled(false);
+    assert!(h.data(100).is_none());
+    assert!(!h.eng.idle(), "the owing flow is still tracked");
+    let ts = h.ts_g();
+    h.guest_ack(h.rseq, 1000, ts);
+    h.eng.tick(h.now + 200_000_000_000);
+    assert!(h.eng.idle());
+}
+
+#[test]
+fn timestamps_off_wscale_off_and_ipv6_work() {
+    for conn in [
+        Conn {
+            timestamps: false,
+            ..Conn::default()
+        },
+        Conn {
+            wscale: false,
+            ..Conn::default()
+        },
+        Conn {
+            ipv6: true,
+            ..Conn::default()
+        },
+    ] {
+        let mut h = Harness::new(conn);
+        h.handshake();
+        let f = h.data(100).expect("early ACK");
+        let a = parse(&f);
+        assert!(tcp_ok(&f));
+        assert_eq!(a.options.timestamps.is_some(), conn.timestamps);
+        assert_eq!(a.version == wire::IpVersion::V6, conn.ipv6);
+    }
+}

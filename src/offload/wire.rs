@@ -1,0 +1,737 @@
+//! Typed views over the TCP/IP headers the ACK offload reads and edits.
+//!
+//! Frames are Ethernet II carrying IPv4 (options allowed, not fragmented) or
+//! IPv6 (TCP directly after the fixed header). Anything else is "not ours"
+//! and passes untouched: VLAN tags, IPv6 extension headers, fragments, short
+//! or inconsistent headers. Parsing works on a prefix of the frame (the
+//! headers) plus the frame length, so it never needs the payload in memory.
+//!
+//! Offsets are from the start of the Ethernet header, so an edit can be made
+//! in a private copy of the headers and the payload sent from guest memory.
+
+/// Ethernet header length.
+pub const ETH_LEN: usize = 14;
+/// Longest header prefix the parser needs: Ethernet, IPv4 with options, TCP
+/// with options.
+pub const MAX_HEADERS: usize = ETH_LEN + 60 + 60;
+
+/// TCP flag bits (byte 13 of the TCP header).
+pub mod flags {
+    /// No more data from sender.
+    pub const FIN: u8 = 0x01;
+    /// Synchronize sequence numbers.
+    pub const SYN: u8 = 0x02;
+    /// Reset the connection.
+    pub const RST: u8 = 0x04;
+    /// Push function.
+    pub const PSH: u8 = 0x08;
+    /// Acknowledgment field significant.
+    pub const ACK: u8 = 0x10;
+    /// Urgent pointer field significant.
+    pub const URG: u8 = 0x20;
+    /// ECN-Echo.
+    pub const ECE: u8 = 0x40;
+    /// Congestion Window Reduced.
+    pub const CWR: u8 = 0x80;
+}
+
+/// TCP option kinds the offload cares about.
+pub mod option {
+    /// End of option list.
+    pub const END: u8 = 0;
+    /// No-operation (padding).
+    pub const NOP: u8 = 1;
+    /// Maximum segment size.
+    pub const MSS: u8 = 2;
+    /// Window scale.
+    pub const WSCALE: u8 = 3;
+    /// SACK permitted.
+    pub const SACK_PERM: u8 = 4;
+    /// SACK blocks.
+    pub const SACK: u8 = 5;
+    /// Timestamps.
+    pub const TIMESTAMPS: u8 = 8;
+    /// TCP MD5 signature (RFC 2385).
+    pub const MD5: u8 = 19;
+    /// TCP Authentication Option (RFC 5925).
+    pub const AO: u8 = 29;
+    /// Multipath TCP (RFC 8684).
+    pub const MPTCP: u8 = 30;
+    /// TCP Fast Open cookie (RFC 7413).
+    pub const FASTOPEN: u8 = 34;
+}
+
+/// Which IP version carries the segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum IpVersion {
+    /// IPv4.
+    V4,
+    /// IPv6.
+    V6,
+}
+
+/// The options of one TCP header, with where the editable ones sit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpOptions {
+    /// MSS option value.
+    pub mss: Option<u16>,
+    /// Window-scale shift (clamped to 14 as RFC 7323 says).
+    pub wscale: Option<u8>,
+    /// SACK permitted.
+    pub sack_permitted: bool,
+    /// (TSval, TSecr).
+    pub timestamps: Option<(u32, u32)>,
+    /// Frame offset of the timestamps option's TSval.
+    pub timestamps_at: usize,
+    /// Frame offset of the SACK option's kind byte and its length (0: none).
+    pub sack_at: usize,
+    /// Length of the SACK option in bytes.
+    pub sack_len: u8,
+    /// TCP-MD5, TCP-AO, MPTCP or TFO present: never offloaded.
+    pub md5: bool,
+    /// TCP-AO.
+    pub ao: bool,
+    /// MPTCP.
+    pub mptcp: bool,
+    /// TCP Fast Open.
+    pub fastopen: bool,
+}
+
+/// A parsed TCP segment in an Ethernet frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpSegment {
+    /// IP version.
+    pub version: IpVersion,
+    /// Source and destination addresses (IPv4 in the first 4 bytes).
+    pub src: [u8; 16],
+    /// Destination address.
+    pub dst: [u8; 16],
+    /// Offset of the IP header.
+    pub ip_at: usize,
+    /// Offset of the TCP header.
+    pub tcp_at: usize,
+    /// Offset of the payload (end of the TCP header).
+    pub payload_at: usize,
+    /// Payload bytes (from the IP length, so GSO super-frames count whole).
+    pub payload_len: u32,
+    /// Source port.
+    pub sport: u16,
+    /// Destination port.
+    pub dport: u16,
+    /// Sequence number.
+    pub seq: u32,
+    /// Acknowledgment number.
+    pub ack: u32,
+    /// Flag byte (see [`flags`]).
+    pub flags: u8,
+    /// The AE bit (AccECN, RFC 9768): bit 0 of byte 12.
+    pub ae: bool,
+    /// Raw window field.
+    pub window: u16,
+    /// Checksum field.
+    pub checksum: u16,
+    /// Urgent pointer.
+    pub urgent: u16,
+    /// IP ECN codepoint (0..=3; 3 is CE).
+    pub ecn: u8,
+    /// IPv4 TTL or IPv6 hop limit.
+    pub ttl: u8,
+    /// DSCP (upper six bits of TOS / traffic class).
+    pub dscp: u8,
+    /// IPv4 DF bit.
+    pub dont_fragment: bool,
+    /// IPv6 flow label.
+    pub flow_label: u32,
+    /// Options.
+    pub options: TcpOptions,
+}
+
+impl TcpSegment {
+    /// Whether `flag` is set.
+    pub fn has(&self, flag: u8) -> bool {
+        self.flags & flag != 0
+    }
+
+    /// Sequence space the segment occupies (payload plus SYN and FIN).
+    pub fn seq_len(&self) -> u32 {
+        self.payload_len + u32::from(self.has(flags::SYN)) + u32::from(self.has(flags::FIN))
+    }
+
+    /// A pure ACK: ACK set, no payload, no SYN/FIN/RST/URG.
+    pub fn is_pure_ack(&self) -> bool {
+        self.payload_len == 0
+            && self.has(flags::ACK)
+            && self.flags & (flags::SYN | flags::FIN | flags::RST | flags::URG) == 0
+    }
+}
+
+fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// Parses the TCP segment in `headers` (a prefix of a `frame_len`-byte
+/// frame). `None` for anything that is not a well-formed TCP segment over
+/// plain IPv4/IPv6 whose headers all lie inside `headers`.
+pub fn parse(headers: &[u8], frame_len: usize) -> Option<TcpSegment> {
+    if headers.len() < ETH_LEN || frame_len < ETH_LEN {
+        return None;
+    }
+    let ip_at = ETH_LEN;
+    let (version, tcp_at, ip_end, src, dst, ecn, ttl, dscp, df, flow_label) =
+        match be16(headers, 12) {
+            0x0800 => {
+                let ip = headers.get(ip_at..ip_at + 20)?;
+                if ip[0] >> 4 != 4 || ip[9] != 6 {
+                    return None;
+                }
+                let ihl = usize::from(ip[0] & 0x0f) * 4;
+                let total = usize::from(be16(ip, 2));
+                let frag = be16(ip, 6);
+                // Fragments (MF set or an offset) carry no usable TCP header.
+                if ihl < 20 || total < ihl || frag & 0x3fff != 0 {
+                    return None;
+                }
+                let mut src = [0u8; 16];
+                let mut dst = [0u8; 16];
+                src[..4].copy_from_slice(&ip[12..16]);
+                dst[..4].copy_from_slice(&ip[16..20]);
+                (
+                    IpVersion::V4,
+                    ip_at + ihl,
+                    ip_at + total,
+                    src,
+                    dst,
+                    ip[1] & 3,
+                    ip[8],
+                    ip[1] >> 2,
+                    frag & 0x4000 != 0,
+                    0,
+                )
+            }
+            0x86dd => {
+                let ip = headers.get(ip_at..ip_at + 40)?;
+                if ip[0] >> 4 != 6 || ip[6] != 6 {
+                    return None;
+                }
+                let tclass = (ip[0] << 4) | (ip[1] >> 4);
+                let label = be32(ip, 0) & 0x000f_ffff;
+                let mut src = [0u8; 16];
+                let mut dst = [0u8; 16];
+                src.copy_from_slice(&ip[8..24]);
+                dst.copy_from_slice(&ip[24..40]);
+                (
+                    IpVersion::V6,
+                    ip_at + 40,
+                    ip_at + 40 + usize::from(be16(ip, 4)),
+                    src,
+                    dst,
+                    tclass & 3,
+                    ip[7],
+                    tclass >> 2,
+                    false,
+                    label,
+                )
+            }
+            _ => return None,
+        };
+    let tcp = headers.get(tcp_at..tcp_at + 20)?;
+    let data_off = usize::from(tcp[12] >> 4) * 4;
+    let payload_at = tcp_at + data_off;
+    if data_off < 20 || payload_at > ip_end || ip_end > frame_len || payload_at > headers.len() {
+        return None;
+    }
+    let options = parse_options(headers, tcp_at + 20, payload_at)?;
+    Some(TcpSegment {
+        version,
+        src,
+        dst,
+        ip_at,
+        tcp_at,
+        payload_at,
+        payload_len: (ip_end - payload_at) as u32,
+        sport: be16(tcp, 0),
+        dport: be16(tcp, 2),
+        seq: be32(tcp, 4),
+        ack: be32(tcp, 8),
+        flags: tcp[13],
+        ae: tcp[12] & 1 != 0,
+        window: be16(tcp, 14),
+        checksum: be16(tcp, 16),
+        urgent: be16(tcp, 18),
+        ecn,
+        ttl,
+        dscp,
+        dont_fragment: df,
+        flow_label,
+        options,
+    })
+}
+
+/// Walks the options in `b[start..end]`. `None` if an option overruns the
+/// header (a malformed header is not ours to edit).
+fn parse_options(b: &[u8], start: usize, end: usize) -> Option<TcpOptions> {
+    let mut o = TcpOptions::default();
+    let mut at = start;
+    while at < end {
+        let kind = b[at];
+        match kind {
+            option::END => break,
+            option::NOP => {
+                at += 1;
+                continue;
+            }
+            _ => {}
+        }
+        let len = usize::from(*b.get(at + 1).filter(|_| at + 1 < end)?);
+        if len < 2 || at + len > end {
+            return None;
+        }
+        match (kind, len) {
+            (option::MSS, 4) => o.mss = Some(be16(b, at + 2)),
+            (option::WSCALE, 3) => o.wscale = Some(b[at + 2].min(14)),
+            (option::SACK_PERM, 2) => o.sack_permitted = true,
+            (option::SACK, _) if (len - 2) % 8 == 0 => {
+                o.sack_at = at;
+                o.sack_len = len as u8;
+            }
+            (option::TIMESTAMPS, 10) => {
+                o.timestamps = Some((be32(b, at + 2), be32(b, at + 6)));
+                o.timestamps_at = at + 2;
+            }
+            (option::MD5, _) => o.md5 = true,
+            (option::AO, _) => o.ao = true,
+            (option::MPTCP, _) => o.mptcp = true,
+            (option::FASTOPEN, _) => o.fastopen = true,
+            _ => {}
+        }
+        at += len;
+    }
+    Some(o)
+}
+
+/// The SACK blocks of a segment, as (left, right) edges.
+pub fn sack_blocks<'a>(
+    headers: &'a [u8],
+    seg: &TcpSegment,
+) -> impl Iterator<Item = (u32, u32)> + 'a {
+    let at = seg.options.sack_at;
+    let n = if at == 0 {
+        0
+    } else {
+        usize::from(seg.options.sack_len - 2) / 8
+    };
+    (0..n).map(move |i| {
+        let p = at + 2 + i * 8;
+        (be32(headers, p), be32(headers, p + 4))
+    })
+}
+
+/// `a < b` in 32-bit sequence space.
+pub fn seq_lt(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) < 0
+}
+
+/// `a <= b` in 32-bit sequence space.
+pub fn seq_le(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) <= 0
+}
+
+/// The larger of two sequence numbers (or timestamps, same arithmetic).
+pub fn seq_max(a: u32, b: u32) -> u32 {
+    if seq_lt(a, b) {
+        b
+    } else {
+        a
+    }
+}
+
+/// One's-complement sum of `data` added to `sum` (16-bit big-endian words,
+/// odd trailing byte padded with zero).
+pub fn csum_add(mut sum: u32, data: &[u8]) -> u32 {
+    let mut chunks = data.chunks_exact(2);
+    for w in &mut chunks {
+        sum = sum.wrapping_add(u32::from(u16::from_be_bytes([w[0], w[1]])));
+        // Fold early so the sum cannot overflow on long payloads.
+        if sum > 0xffff_0000 {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+    }
+    if let [last] = chunks.remainder() {
+        sum = sum.wrapping_add(u32::from(*last) << 8);
+    }
+    sum
+}
+
+/// Folds a 32-bit one's-complement accumulator to 16 bits.
+pub fn csum_fold(mut sum: u32) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+/// The TCP pseudo-header sum for `seg`'s addresses and a `tcp_len`-byte segment.
+pub fn pseudo_header_sum(version: IpVersion, src: &[u8; 16], dst: &[u8; 16], tcp_len: u32) -> u32 {
+    match version {
+        IpVersion::V4 => {
+            let sum = csum_add(csum_add(0, &src[..4]), &dst[..4]);
+            sum + 6 + tcp_len
+        }
+        IpVersion::V6 => {
+            let sum = csum_add(csum_add(0, src), dst);
+            sum + 6 + (tcp_len >> 16) + (tcp_len & 0xffff)
+        }
+    }
+}
+
+/// RFC 1624 eqn. 3: the checksum after the 16-bit-aligned bytes `old`
+/// became `new` (same length, even, at an even offset in the summed data).
+pub fn csum_update(checksum: u16, old: &[u8], new: &[u8]) -> u16 {
+    debug_assert_eq!(old.len(), new.len());
+    let mut sum = u32::from(!checksum);
+    for (o, n) in old.chunks_exact(2).zip(new.chunks_exact(2)) {
+        let (o, n) = (
+            u16::from_be_bytes([o[0], o[1]]),
+            u16::from_be_bytes([n[0], n[1]]),
+        );
+        sum += u32::from(!o) + u32::from(n);
+    }
+    !csum_fold(sum)
+}
+
+/// Whether the TCP checksum of a complete segment (`tcp` = TCP header and
+/// payload) is correct.
+pub fn tcp_checksum_ok(seg: &TcpSegment, tcp: &[u8]) -> bool {
+    let sum = pseudo_header_sum(seg.version, &seg.src, &seg.dst, tcp.len() as u32);
+    csum_fold(csum_add(sum, tcp)) == 0xffff
+}
+
+/// Fills in the IPv4 header checksum of the header at `ip`.
+pub fn set_ipv4_checksum(ip: &mut [u8]) {
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    ip[10] = 0;
+    ip[11] = 0;
+    let c = !csum_fold(csum_add(0, &ip[..ihl]));
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+}
+
+/// Fills in the TCP checksum of the segment at `tcp` (header + payload).
+pub fn set_tcp_checksum(version: IpVersion, src: &[u8; 16], dst: &[u8; 16], tcp: &mut [u8]) {
+    tcp[16] = 0;
+    tcp[17] = 0;
+    let sum = pseudo_header_sum(version, src, dst, tcp.len() as u32);
+    let c = !csum_fold(csum_add(sum, tcp));
+    tcp[16..18].copy_from_slice(&c.to_be_bytes());
+}
+
+/// What a frame we build carries.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FrameSpec<'a> {
+    /// Destination and source MAC.
+    pub dst_mac: [u8; 6],
+    /// Source MAC.
+    pub src_mac: [u8; 6],
+    /// IP version.
+    pub version: Option<IpVersion>,
+    /// Source address.
+    pub src: [u8; 16],
+    /// Destination address.
+    pub dst: [u8; 16],
+    /// TTL / hop limit.
+    pub ttl: u8,
+    /// DSCP.
+    pub dscp: u8,
+    /// IPv4 DF.
+    pub dont_fragment: bool,
+    /// IPv6 flow label.
+    pub flow_label: u32,
+    /// Ports.
+    pub sport: u16,
+    /// Destination port.
+    pub dport: u16,
+    /// Sequence number.
+    pub seq: u32,
+    /// Acknowledgment number.
+    pub ack: u32,
+    /// Flags.
+    pub flags: u8,
+    /// Raw window.
+    pub window: u16,
+    /// (TSval, TSecr) to include.
+    pub timestamps: Option<(u32, u32)>,
+    /// Payload.
+    pub payload: &'a [u8],
+}
+
+/// Appends a complete Ethernet frame (all checksums set, ECN Not-ECT) to `out`.
+pub fn build_frame(spec: &FrameSpec<'_>, out: &mut Vec<u8>) {
+    let version = spec.version.unwrap_or(IpVersion::V4);
+    let opt_len = if spec.timestamps.is_some() { 12 } else { 0 };
+    let tcp_len = 20 + opt_len + spec.payload.len();
+    let start = out.len();
+    out.extend_from_slice(&spec.dst_mac);
+    out.extend_from_slice(&spec.src_mac);
+    let ip_at = out.len() + 2;
+    match version {
+        IpVersion::V4 => {
+            out.extend_from_slice(&0x0800u16.to_be_bytes());
+            let total = (20 + tcp_len) as u16;
+            let frag: u16 = if spec.dont_fragment { 0x4000 } else { 0 };
+            out.extend_from_slice(&[0x45, spec.dscp << 2]);
+            out.extend_from_slice(&total.to_be_bytes());
+            out.extend_from_slice(&[0, 0]);
+            out.extend_from_slice(&frag.to_be_bytes());
+            out.extend_from_slice(&[spec.ttl, 6, 0, 0]);
+            out.extend_from_slice(&spec.src[..4]);
+            out.extend_from_slice(&spec.dst[..4]);
+            set_ipv4_checksum(&mut out[ip_at..ip_at + 20]);
+        }
+        IpVersion::V6 => {
+            out.extend_from_slice(&0x86ddu16.to_be_bytes());
+            let tclass = u32::from(spec.dscp << 2);
+            let word = (6u32 << 28) | (tclass << 20) | (spec.flow_label & 0x000f_ffff);
+            out.extend_from_slice(&word.to_be_bytes());
+            out.extend_from_slice(&(tcp_len as u16).to_be_bytes());
+            out.extend_from_slice(&[6, spec.ttl]);
+            out.extend_from_slice(&spec.src);
+            out.extend_from_slice(&spec.dst);
+        }
+    }
+    let tcp_at = out.len();
+    out.extend_from_slice(&spec.sport.to_be_bytes());
+    out.extend_from_slice(&spec.dport.to_be_bytes());
+    out.extend_from_slice(&spec.seq.to_be_bytes());
+    out.extend_from_slice(&spec.ack.to_be_bytes());
+    out.push(((20 + opt_len) as u8 / 4) << 4);
+    out.push(spec.flags);
+    out.extend_from_slice(&spec.window.to_be_bytes());
+    out.extend_from_slice(&[0, 0, 0, 0]);
+    if let Some((tsval, tsecr)) = spec.timestamps {
+        out.extend_from_slice(&[option::NOP, option::NOP, option::TIMESTAMPS, 10]);
+        out.extend_from_slice(&tsval.to_be_bytes());
+        out.extend_from_slice(&tsecr.to_be_bytes());
+    }
+    out.extend_from_slice(spec.payload);
+    set_tcp_checksum(version, &spec.src, &spec.dst, &mut out[tcp_at..]);
+    debug_assert_eq!(out.len() - start, ETH_LEN + (tcp_at - ip_at) + tcp_len);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use etherparse::PacketBuilder;
+
+    fn v4_segment(options: &[etherparse::TcpOptionElement], payload: &[u8]) -> Vec<u8> {
+        let b = PacketBuilder::ethernet2([1; 6], [2; 6])
+            .ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+            .tcp(1000, 2000, 0xdead_beef, 4096)
+            .ack(0x1234_5678)
+            .options(options)
+            .unwrap();
+        let mut out = Vec::new();
+        b.write(&mut out, payload).unwrap();
+        out
+    }
+
+    #[test]
+    fn parses_ipv4_tcp_with_options() {
+        use etherparse::TcpOptionElement::*;
+        let f = v4_segment(
+            &[
+                MaximumSegmentSize(1460),
+                WindowScale(7),
+                SelectiveAcknowledgementPermitted,
+                Timestamp(11, 22),
+            ],
+            b"hello",
+        );
+        let s = parse(&f, f.len()).unwrap();
+        assert_eq!(s.version, IpVersion::V4);
+        assert_eq!((s.sport, s.dport), (1000, 2000));
+        assert_eq!((s.seq, s.ack, s.window), (0xdead_beef, 0x1234_5678, 4096));
+        assert_eq!(s.payload_len, 5);
+        assert_eq!(&f[s.payload_at..], b"hello");
+        assert_eq!(s.options.mss, Some(1460));
+        assert_eq!(s.options.wscale, Some(7));
+        assert!(s.options.sack_permitted);
+        assert_eq!(s.options.timestamps, Some((11, 22)));
+        assert_eq!(be32(&f, s.options.timestamps_at), 11);
+        assert_eq!(s.ttl, 64);
+        assert!(tcp_checksum_ok(&s, &f[s.tcp_at..]));
+        assert!(s.has(flags::ACK) && !s.has(flags::SYN));
+    }
+
+    #[test]
+    fn parses_ipv6_and_sack_blocks() {
+        use etherparse::TcpOptionElement::*;
+        let b = PacketBuilder::ethernet2([1; 6], [2; 6])
+            .ipv6([1; 16], [2; 16], 33)
+            .tcp(5, 6, 100, 10)
+            .ack(50)
+            .options(&[SelectiveAcknowledgement(
+                (200, 300),
+                [Some((400, 500)), None, None],
+            )])
+            .unwrap();
+        let mut f = Vec::new();
+        b.write(&mut f, &[]).unwrap();
+        let s = parse(&f, f.len()).unwrap();
+        assert_eq!(s.version, IpVersion::V6);
+        assert_eq!(s.ttl, 33);
+        assert_eq!(s.payload_len, 0);
+        assert!(s.is_pure_ack());
+        let blocks: Vec<_> = sack_blocks(&f, &s).collect();
+        assert_eq!(blocks, vec![(200, 300), (400, 500)]);
+        assert!(tcp_checksum_ok(&s, &f[s.tcp_at..]));
+    }
+
+    #[test]
+    fn rejects_what_is_not_plain_tcp() {
+        let f = v4_segment(&[], b"x");
+        // Truncated headers, every length.
+        for cut in 0..f.len() - 1 {
+            let _ = parse(&f[..cut], f.len());
+        }
+        assert!(parse(&f[..30], f.len()).is_none());
+        // Frame shorter than the IP total length.
+        assert!(parse(&f, f.len() - 2).is_none());
+        // A fragment.
+        let mut frag = f.clone();
+        frag[ETH_LEN + 6] = 0x20;
+        assert!(parse(&frag, frag.len()).is_none());
+        // UDP.
+        let mut udp = f.clone();
+        udp[ETH_LEN + 9] = 17;
+        assert!(parse(&udp, udp.len()).is_none());
+        // Data offset below 5 words or past the IP payload.
+        let mut bad = f.clone();
+        bad[ETH_LEN + 20 + 12] = 0x40;
+        assert!(parse(&bad, bad.len()).is_none());
+        bad[ETH_LEN + 20 + 12] = 0xf0;
+        assert!(parse(&bad, bad.len()).is_none());
+        // VLAN-tagged: not ours.
+        let mut vlan = f.clone();
+        vlan[12..14].copy_from_slice(&0x8100u16.to_be_bytes());
+        assert!(parse(&vlan, vlan.len()).is_none());
+    }
+
+    #[test]
+    fn options_that_overrun_the_header_are_rejected() {
+        use etherparse::TcpOptionElement::*;
+        let mut f = v4_segment(&[MaximumSegmentSize(1460)], b"");
+        let opt = ETH_LEN + 20 + 20;
+        f[opt + 1] = 9; // MSS claims 9 bytes in a 4-byte option space
+        assert!(parse(&f, f.len()).is_none());
+        f[opt + 1] = 0; // zero length would loop forever
+        assert!(parse(&f, f.len()).is_none());
+    }
+
+    #[test]
+    fn flags_md5_ao_mptcp_and_fastopen() {
+        for kind in [option::MD5, option::AO, option::MPTCP, option::FASTOPEN] {
+            let mut f = v4_segment(&vec![etherparse::TcpOptionElement::Noop; 4], b"");
+            let opt = ETH_LEN + 20 + 20;
+            f[opt] = kind;
+            f[opt + 1] = 4;
+            let o = parse(&f, f.len()).unwrap().options;
+            assert_eq!(
+                [o.md5, o.ao, o.mptcp, o.fastopen],
+                [
+                    kind == option::MD5,
+                    kind == option::AO,
+                    kind == option::MPTCP,
+                    kind == option::FASTOPEN
+                ]
+            );
+        }
+    }
+
+    #[test]
+    fn sequence_comparisons_wrap() {
+        assert!(seq_lt(0xffff_fff0, 5));
+        assert!(!seq_lt(5, 0xffff_fff0));
+        assert!(seq_le(7, 7));
+        assert_eq!(seq_max(0xffff_fff0, 5), 5);
+        assert_eq!(seq_max(9, 5), 9);
+    }
+
+    #[test]
+    fn incremental_update_matches_a_full_recompute() {
+        use etherparse::TcpOptionElement::*;
+        let mut f = v4_segment(&[Timestamp(1, 2)], b"payload!");
+        let s = parse(&f, f.len()).unwrap();
+        let tcp = s.tcp_at;
+        let old: Vec<u8> = f[tcp..s.payload_at].to_vec();
+        f[tcp + 8..tcp + 12].copy_from_slice(&0x0102_0304u32.to_be_bytes());
+        f[tcp + 14..tcp + 16].copy_from_slice(&77u16.to_be_bytes());
+        f[s.options.timestamps_at + 4..s.options.timestamps_at + 8]
+            .copy_from_slice(&999u32.to_be_bytes());
+        let new: Vec<u8> = f[tcp..s.payload_at].to_vec();
+        let updated = csum_update(s.checksum, &old, &new);
+        f[tcp + 16..tcp + 18].copy_from_slice(&updated.to_be_bytes());
+        let s2 = parse(&f, f.len()).unwrap();
+        assert!(tcp_checksum_ok(&s2, &f[tcp..]));
+        // A corrupt segment stays corrupt after an incremental update.
+        let mut g = v4_segment(&[], b"abcd");
+        let gs = parse(&g, g.len()).unwrap();
+        let last = g.len() - 1;
+        g[last] ^= 0x40;
+        let old: Vec<u8> = g[gs.tcp_at..gs.payload_at].to_vec();
+        g[gs.tcp_at + 14] = 1;
+        let new: Vec<u8> = g[gs.tcp_at..gs.payload_at].to_vec();
+        let c = csum_update(gs.checksum, &old, &new);
+        g[gs.tcp_at + 16..gs.tcp_at + 18].copy_from_slice(&c.to_be_bytes());
+        assert!(!tcp_checksum_ok(
+            &parse(&g, g.len()).unwrap(),
+            &g[gs.tcp_at..]
+        ));
+    }
+
+    #[test]
+    fn built_frames_parse_back_with_good_checksums() {
+        for version in [IpVersion::V4, IpVersion::V6] {
+            let spec = FrameSpec {
+                dst_mac: [2; 6],
+                src_mac: [1; 6],
+                version: Some(version),
+                src: [9; 16],
+                dst: [8; 16],
+                ttl: 61,
+                dscp: 10,
+                dont_fragment: true,
+                flow_label: 0xabcde,
+                sport: 1,
+                dport: 2,
+                seq: 3,
+                ack: 4,
+                flags: flags::ACK | flags::ECE,
+                window: 500,
+                timestamps: Some((7, 8)),
+                payload: b"xyz",
+            };
+            let mut out = vec![0xaa]; // appending, not overwriting
+            build_frame(&spec, &mut out);
+            let f = &out[1..];
+            let s = parse(f, f.len()).unwrap();
+            assert_eq!(s.version, version);
+            assert_eq!((s.seq, s.ack, s.window, s.flags), (3, 4, 500, spec.flags));
+            assert_eq!(s.options.timestamps, Some((7, 8)));
+            assert_eq!((s.ttl, s.dscp, s.ecn), (61, 10, 0));
+            assert_eq!(&f[s.payload_at..], b"xyz");
+            assert!(tcp_checksum_ok(&s, &f[s.tcp_at..]));
+            if version == IpVersion::V4 {
+                assert!(s.dont_fragment);
+                assert_eq!(csum_fold(csum_add(0, &f[ETH_LEN..ETH_LEN + 20])), 0xffff);
+            } else {
+                assert_eq!(s.flow_label, 0xabcde);
+            }
+            // etherparse agrees.
+            let p = etherparse::SlicedPacket::from_ethernet(f).unwrap();
+            assert!(p.transport.is_some());
+        }
+    }
+}
