@@ -117,10 +117,27 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "THETA", default_value_t = 0.75)]
     pub compression_theta: f64,
 
-    /// Acknowledge TCP data on the guest's behalf (not implemented yet:
-    /// accepted so scripts can pass it; it has no effect).
+    /// ACK offload: acknowledge TCP data to remote senders as soon as it is
+    /// in the guest's RX buffers, keeping a copy until the guest confirms it
+    /// (see README, ACK OFFLOAD). Switchable at run time with
+    /// `vsnoop ack-offload`.
     #[arg(long, value_enum, value_name = "on|off", default_value_t = Switch::Off)]
     pub ack_offload: Switch,
+
+    /// ACK offload: largest window, in bytes, our early ACKs advertise
+    /// (vSnoop's buf_size; never more than the guest's own window). 0: no bound.
+    #[arg(long, value_name = "BYTES", default_value_t = 0)]
+    pub ack_window_bound: u32,
+
+    /// ACK offload: memory for copies of acknowledged bytes the guest has not
+    /// confirmed yet, all flows together, in MiB. A flow that cannot get
+    /// budget is not acknowledged early.
+    #[arg(long, value_name = "MB", default_value_t = 64)]
+    pub custody_budget_mb: usize,
+
+    /// ACK offload: TCP flows tracked at most (new flows beyond pass through).
+    #[arg(long, value_name = "N", default_value_t = 65_536)]
+    pub offload_max_flows: usize,
 }
 
 /// Subcommands.

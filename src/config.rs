@@ -59,6 +59,8 @@ pub struct Config {
     pub queue_size: usize,
     /// ACK offload requested.
     pub ack_offload: bool,
+    /// ACK offload engine settings (`enabled` mirrors `ack_offload`).
+    pub offload: crate::offload::OffloadConfig,
     /// pcapng capture file, if any.
     pub capture: Option<PathBuf>,
     /// Bytes kept per captured frame.
@@ -111,6 +113,9 @@ impl TryFrom<DaemonArgs> for Config {
                 .parse::<crate::export::capture::CaptureFilter>()
                 .map_err(ConfigError::CaptureFilter)?;
         }
+        if cli.offload_max_flows == 0 || cli.offload_max_flows > 4_000_000 {
+            return Err(ConfigError::MaxFlows(cli.offload_max_flows));
+        }
         if cli.max_flows == 0 || cli.max_flows > 1_000_000 {
             return Err(ConfigError::MaxFlows(cli.max_flows));
         }
@@ -124,6 +129,13 @@ impl TryFrom<DaemonArgs> for Config {
             queue_pairs: cli.queues,
             queue_size: cli.queue_size,
             ack_offload: cli.ack_offload == Switch::On,
+            offload: crate::offload::OffloadConfig {
+                enabled: cli.ack_offload == Switch::On,
+                window_bound: cli.ack_window_bound,
+                custody_budget: cli.custody_budget_mb.saturating_mul(1024 * 1024),
+                max_flows: cli.offload_max_flows,
+                ..crate::offload::OffloadConfig::default()
+            },
             capture: cli.capture,
             capture_snaplen: cli.capture_snaplen,
             capture_filter: cli.capture_filter,

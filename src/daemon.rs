@@ -23,17 +23,15 @@ use crate::attribution::hook::AttributionHook;
 use crate::config::Config;
 use crate::export::capture::CaptureSlot;
 use crate::metrics::format_report;
+use crate::offload::OffloadPort;
 use crate::port::Tap;
 use crate::state::Shared;
 use crate::timing::{DataPathHook, HookChain};
 use crate::vhost_user::shim::Relay;
-use crate::vhost_user::{tap_event_id, NetBackend};
+use crate::vhost_user::{tap_event_id, timer_event_id, NetBackend};
 
 /// Runs the daemon until SIGINT/SIGTERM.
 pub fn run(config: Config) -> Result<()> {
-    if config.ack_offload {
-        warn!("--ack-offload on: ACK offload is not implemented yet; packets pass unchanged");
-    }
     let tap = Tap::open(&config.tap, config.queue_pairs)?;
     let listener = if config.client {
         None
@@ -55,14 +53,16 @@ pub fn run(config: Config) -> Result<()> {
         warn!("built without the `timing` feature: no timestamps, attribution or capture");
     }
     let hook = (!hooks.is_empty()).then(|| Arc::new(HookChain(hooks)) as Arc<dyn DataPathHook>);
-    let backend = NetBackend::new(tap, config.queue_size, hook);
+    let offload = Arc::new(OffloadPort::new(config.offload, config.queue_pairs));
+    let backend = NetBackend::new(tap, config.queue_size, hook, offload.clone())
+        .context("creating the worker timers")?;
     let shared = Arc::new(Shared {
         started: Instant::now(),
         tap: backend.tap().name().to_string(),
         queues: backend.metrics().to_vec(),
         attribution,
         capture,
-        ack_offload: AtomicBool::new(config.ack_offload),
+        offload,
         connections: AtomicU64::new(0),
         connected: AtomicBool::new(false),
     });
@@ -122,6 +122,13 @@ fn serve_connection(backend: &NetBackend, frontend: UnixStream, generation: u64)
                 tap_id,
             )
             .context("registering the tap with the worker")?;
+        handler
+            .register_listener(
+                backend.timer_fd(i),
+                EventSet::IN,
+                timer_event_id(backend.num_queues()),
+            )
+            .context("registering the timer with the worker")?;
     }
     let backend_side = connect_daemon(&mut daemon)?;
     let relay = Relay::start(frontend, backend_side).context("starting the message relay")?;

@@ -68,6 +68,12 @@ queue_counters! {
     tx_drop_tap_write,
     /// Avail-ring heads that named a descriptor outside the queue (cannot be returned).
     bad_head_index,
+    /// Frames the ACK offload generated and wrote to the tap (early ACKs, resets).
+    offload_frames_sent,
+    /// Frames the ACK offload generated that the tap refused.
+    offload_frames_failed,
+    /// Frames the ACK offload delivered into the RX ring (custody re-delivery, resets).
+    offload_frames_delivered,
 }
 
 impl QueueMetrics {

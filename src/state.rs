@@ -2,13 +2,14 @@
 //! endpoints (control socket, metrics): counters, the delay attribution, the
 //! capture and the switches a user can flip while the daemon runs.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use std::time::Instant;
 
 use crate::attribution::hook::AttributionHook;
 use crate::export::capture::CaptureSlot;
 use crate::metrics::QueueMetrics;
+use crate::offload::OffloadPort;
 
 /// Everything the endpoints read or switch.
 pub struct Shared {
@@ -22,8 +23,8 @@ pub struct Shared {
     pub attribution: Option<Arc<AttributionHook>>,
     /// The capture (may be idle).
     pub capture: Arc<CaptureSlot>,
-    /// ACK offload requested (run-time switch).
-    pub ack_offload: AtomicBool,
+    /// The ACK offload (its switch, drain state and counters).
+    pub offload: Arc<OffloadPort>,
     /// Frontend connections served so far.
     pub connections: AtomicU64,
     /// A frontend is connected now.
@@ -33,11 +34,11 @@ pub struct Shared {
 impl Shared {
     /// ACK offload state.
     pub fn ack_offload(&self) -> bool {
-        self.ack_offload.load(Ordering::Relaxed)
+        self.offload.enabled()
     }
 
     /// Switches the ACK offload.
     pub fn set_ack_offload(&self, on: bool) {
-        self.ack_offload.store(on, Ordering::Relaxed);
+        self.offload.set_enabled(on);
     }
 }

@@ -115,6 +115,9 @@ pub struct StatsReply {
     pub connections: u64,
     /// ACK offload switch.
     pub ack_offload: bool,
+    /// ACK offload counters (README: ACK OFFLOAD).
+    #[serde(default)]
+    pub offload: crate::offload::OffloadStats,
     /// The running capture, or null.
     pub capture: Option<CaptureStatus>,
     /// Built with the `timing` feature (timestamps, attribution, capture).
@@ -240,6 +243,7 @@ pub fn stats(shared: &Shared, limit: Option<usize>) -> StatsReply {
         connected: shared.connected.load(Ordering::Relaxed),
         connections: shared.connections.load(Ordering::Relaxed),
         ack_offload: shared.ack_offload(),
+        offload: shared.offload.stats(),
         capture: shared.capture.status(),
         timing: shared.attribution.is_some(),
         queues: shared
@@ -493,7 +497,13 @@ mod tests {
             queues: vec![q, Arc::new(QueueMetrics::default())],
             attribution: None,
             capture: Arc::new(CaptureSlot::new()),
-            ack_offload: AtomicBool::new(false),
+            offload: Arc::new(crate::offload::OffloadPort::new(
+                crate::offload::OffloadConfig {
+                    enabled: false,
+                    ..Default::default()
+                },
+                1,
+            )),
             connections: AtomicU64::new(2),
             connected: AtomicBool::new(true),
         }

@@ -264,6 +264,7 @@ pub fn encoder_buckets(h: Option<&Histogram<u64>>) -> (Vec<(f64, u64)>, u64, f64
 
 /// A label value escaped for the text format (the encoder writes values
 /// verbatim, and interface names may contain `"` or `\`).
+#[derive(Clone, Copy)]
 struct Escaped<'a>(&'a str);
 
 impl EncodeLabelValue for Escaped<'_> {
@@ -356,6 +357,111 @@ fn counter_family(
 }
 
 impl VsnoopCollector {
+    /// ACK offload counters and gauges (README: ACK OFFLOAD).
+    fn encode_offload(&self, enc: &mut DescriptorEncoder, tap: &[(&str, Escaped)]) -> fmt::Result {
+        let o = self.shared.offload.stats();
+        let counters: [(&str, &str, u64); 12] = [
+            (
+                "early_acks",
+                "Early ACKs sent on the guest's behalf",
+                o.early_acks,
+            ),
+            (
+                "early_acked_bytes",
+                "Bytes acknowledged early",
+                o.early_acked_bytes,
+            ),
+            (
+                "guest_acks_suppressed",
+                "Guest ACKs the sender no longer needed, not sent",
+                o.guest_acks_suppressed,
+            ),
+            (
+                "guest_acks_rewritten",
+                "Guest packets with ack/window/TSecr/SACK rewritten",
+                o.guest_acks_rewritten,
+            ),
+            (
+                "redeliveries",
+                "Custody re-delivery attempts",
+                o.redeliveries,
+            ),
+            (
+                "redelivered_bytes",
+                "Custody bytes re-delivered to the guest",
+                o.redelivered_bytes,
+            ),
+            (
+                "redelivery_dropped",
+                "Re-delivery frames dropped for lack of guest buffers",
+                o.redelivery_dropped,
+            ),
+            (
+                "resets",
+                "Flows reset after repeated failed re-deliveries",
+                o.resets,
+            ),
+            (
+                "flows_offloaded",
+                "Flows offloaded after a complete handshake",
+                o.flows_offloaded,
+            ),
+            (
+                "flows_passthrough",
+                "Flows never offloaded",
+                o.flows_passthrough,
+            ),
+            (
+                "back_online",
+                "Offline flows that came back online",
+                o.back_online,
+            ),
+            ("drains", "Migration drains (VHOST_F_LOG_ALL set)", o.drains),
+        ];
+        for (name, help, v) in counters {
+            counter_family(enc, &format!("vsnoop_ack_offload_{name}"), help, tap, v)?;
+        }
+        for (family, help, by_reason) in [
+            (
+                "vsnoop_ack_offload_offline",
+                "Flows taken offline, by reason",
+                &o.offline,
+            ),
+            (
+                "vsnoop_ack_offload_passthrough_flows",
+                "Flows passed through, by reason",
+                &o.passthrough,
+            ),
+        ] {
+            let mut m = enc.encode_descriptor(family, help, None, MetricType::Counter)?;
+            for (reason, v) in by_reason {
+                let labels = [("reason", Escaped(reason)), tap[0]];
+                counter(&mut m.encode_family(&labels)?, *v)?;
+            }
+        }
+        gauge(
+            enc,
+            "vsnoop_ack_offload_flows_tracked",
+            "Flows in the offload table",
+            tap,
+            o.flows_tracked as i64,
+        )?;
+        gauge(
+            enc,
+            "vsnoop_ack_offload_custody_bytes",
+            "Bytes held in custody",
+            tap,
+            o.custody_bytes as i64,
+        )?;
+        gauge(
+            enc,
+            "vsnoop_ack_offload_draining",
+            "1 while a migration drain is on",
+            tap,
+            i64::from(o.draining),
+        )
+    }
+
     fn attribution(&self) -> Option<AttributionValues> {
         let hook = self.shared.attribution.as_ref()?;
         Some(hook.with(|a| {
@@ -431,6 +537,7 @@ impl Collector for VsnoopCollector {
             &tap,
             i64::from(shared.ack_offload()),
         )?;
+        self.encode_offload(&mut enc, &tap)?;
 
         // Per-queue counters, one family per counter.
         let queues: Vec<Vec<(&'static str, u64)>> =
@@ -587,7 +694,10 @@ mod tests {
             queues: vec![q, Arc::new(QueueMetrics::default())],
             attribution: Some(Arc::new(AttributionHook::new(Default::default()))),
             capture: Arc::new(CaptureSlot::new()),
-            ack_offload: AtomicBool::new(true),
+            offload: Arc::new(crate::offload::OffloadPort::new(
+                crate::offload::OffloadConfig::default(),
+                1,
+            )),
             connections: AtomicU64::new(1),
             connected: AtomicBool::new(false),
         })

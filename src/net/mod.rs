@@ -22,6 +22,7 @@ use vm_memory::{
 };
 
 use crate::metrics::QueueMetrics;
+use crate::offload::OffloadPort;
 use crate::timing::DataPathHook;
 use chain::Segment;
 use rx::RxState;
@@ -58,6 +59,8 @@ pub struct QueuePair {
     /// Per-packet hook (timestamps, ACK offload), if any; read it through
     /// [`QueuePair::hook`].
     hook: Option<Arc<dyn DataPathHook>>,
+    /// The ACK offload engine, shared by all pairs.
+    pub offload: Option<Arc<OffloadPort>>,
     /// Whether this pair's tap queue is attached (multi-queue taps).
     pub tap_attached: bool,
 }
@@ -80,8 +83,73 @@ impl QueuePair {
             rx: RxState::new(),
             tx: TxState::new(),
             hook,
+            offload: None,
             tap_attached: index == 0,
         }
+    }
+
+    /// The offload engine if it has anything to do (lock-free check).
+    #[inline(always)]
+    pub fn offload(&self) -> Option<&Arc<OffloadPort>> {
+        self.offload.as_ref().filter(|o| o.busy())
+    }
+
+    /// Writes a frame the offload generated (early ACK, reset) to the tap
+    /// behind an all-zero virtio-net header (no offloads requested).
+    pub fn send_local_frame(&self, frame: &[u8]) {
+        let zero = [0u8; vnet_hdr::HDR_LEN_V1];
+        let iov = [
+            libc::iovec {
+                iov_base: zero.as_ptr().cast_mut().cast(),
+                iov_len: self.negotiated.hdr_len,
+            },
+            libc::iovec {
+                iov_base: frame.as_ptr().cast_mut().cast(),
+                iov_len: frame.len(),
+            },
+        ];
+        match crate::port::tap::writev(self.tap_fd, &iov) {
+            Ok(Some(_)) => QueueMetrics::inc(&self.metrics.offload_frames_sent),
+            _ => QueueMetrics::inc(&self.metrics.offload_frames_failed),
+        }
+    }
+
+    /// Periodic offload work (custody re-delivery, ageing), then whatever
+    /// frames it produced for the tap. Frames for the guest go out with the
+    /// next RX pass; returns whether there are any.
+    pub fn offload_tick(&mut self) -> bool {
+        let Some(offload) = self.offload.clone() else {
+            return false;
+        };
+        {
+            let mut engine = offload.lock();
+            engine.tick(crate::timing::now_ns());
+            offload.refresh(&engine);
+        }
+        self.flush_offload_frames()
+    }
+
+    /// Sends the offload's frames for the tap; returns whether frames wait
+    /// for this pair's RX ring.
+    pub fn flush_offload_frames(&mut self) -> bool {
+        let Some(offload) = self.offload.clone() else {
+            return false;
+        };
+        if !offload.has_frames() {
+            return false;
+        }
+        let mut frames = Vec::new();
+        let for_guest = {
+            let mut engine = offload.lock();
+            engine.take_host_frames(&mut frames);
+            let waiting = engine.has_guest_frames(self.index);
+            offload.refresh(&engine);
+            waiting
+        };
+        for frame in &frames {
+            self.send_local_frame(frame);
+        }
+        for_guest
     }
 
     /// The per-packet hook. Without the `timing` feature this is always
@@ -158,6 +226,33 @@ pub fn push_iovecs(
         len -= want;
     }
     covered
+}
+
+/// Like [`push_iovecs`] for the bytes `[offset, offset + len)` of `segments`.
+pub fn push_iovecs_from(
+    mem: &GuestMemoryMmap,
+    segments: &[Segment],
+    mut offset: usize,
+    len: usize,
+    iov: &mut Vec<libc::iovec>,
+) -> usize {
+    for (i, seg) in segments.iter().enumerate() {
+        let seg_len = seg.len as usize;
+        if offset >= seg_len {
+            offset -= seg_len;
+            continue;
+        }
+        let first = Segment {
+            addr: seg.addr.unchecked_add(offset as u64),
+            len: (seg_len - offset) as u32,
+        };
+        let covered = push_iovecs(mem, std::slice::from_ref(&first), len, iov);
+        if covered == len || covered < first.len as usize {
+            return covered;
+        }
+        return covered + push_iovecs(mem, &segments[i + 1..], len - covered, iov);
+    }
+    0
 }
 
 /// The host address of `[addr, addr + len)` if one region holds all of it.
@@ -279,6 +374,22 @@ mod helper_tests {
         assert_eq!(copy_to_segments(&m, &s, 10, &[7u8; 100]), 7);
         let mut buf = [0u8; 100];
         assert_eq!(copy_from_segments(&m, &s, 0, &mut buf), 17);
+    }
+
+    #[test]
+    fn iovecs_from_an_offset_skip_whole_and_partial_segments() {
+        let m = mem();
+        let s = segs();
+        let mut iov = Vec::new();
+        assert_eq!(push_iovecs_from(&m, &s, 5, 100, &mut iov), 12);
+        assert_eq!(iov.len(), 2);
+        assert_eq!(iov[0].iov_len, 2);
+        assert_eq!(iov[1].iov_len, 10);
+        iov.clear();
+        assert_eq!(push_iovecs_from(&m, &s, 1, 2, &mut iov), 2);
+        assert_eq!(iov.len(), 1);
+        iov.clear();
+        assert_eq!(push_iovecs_from(&m, &s, 17, 5, &mut iov), 0);
     }
 
     #[test]

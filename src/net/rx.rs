@@ -19,9 +19,15 @@ use vm_memory::GuestMemoryMmap;
 
 use super::chain::{collect_segments, Access, ChainError, Segment};
 use super::used::UsedRing;
-use super::vnet_hdr::{MAX_FRAME_LEN, NUM_BUFFERS_OFFSET};
-use super::{copy_to_segments, push_iovecs, IovecBuf, QueuePair, BATCH, IOV_MAX};
+use super::vnet_hdr::{
+    FLAG_DATA_VALID, FLAG_NEEDS_CSUM, HDR_LEN_V1, MAX_FRAME_LEN, NUM_BUFFERS_OFFSET,
+};
+use super::{
+    copy_from_segments, copy_to_segments, push_iovecs, IovecBuf, QueuePair, BATCH, IOV_MAX,
+};
 use crate::metrics::QueueMetrics;
+use crate::offload::wire::MAX_HEADERS;
+use crate::offload::RxChecksum;
 use crate::port::tap;
 use crate::timing::{now_ns, PacketView, RxStamps};
 use vhost_user_backend::VringT;
@@ -57,6 +63,10 @@ pub struct RxState {
     entries: Vec<(u16, u32)>,
     /// All buffers of the packet being published, for the hook (reused).
     hook_segments: Vec<Segment>,
+    /// Frames from the ACK offload waiting for buffers (reused).
+    offload_frames: Vec<Vec<u8>>,
+    /// The early ACK being built (reused).
+    ack_frame: Vec<u8>,
 }
 
 impl Default for RxState {
@@ -92,6 +102,8 @@ impl RxState {
             used: UsedRing::default(),
             entries: Vec::new(),
             hook_segments: Vec::new(),
+            offload_frames: Vec::new(),
+            ack_frame: Vec::new(),
         }
     }
 
@@ -141,6 +153,18 @@ impl RxState {
             debug!("returned {held} held RX chains to the avail ring");
         }
         self.forget_held_chains();
+    }
+
+    /// Copies a whole packet (virtio-net header first) into the held chains
+    /// from the front; the caller checked that they can hold it.
+    fn copy_into_held(&self, mem: &GuestMemoryMmap, packet: &[u8]) {
+        let mut copied = 0;
+        for chain in self.held.iter() {
+            if copied == packet.len() {
+                break;
+            }
+            copied += copy_to_segments(mem, &chain.segments, 0, &packet[copied..]);
+        }
     }
 
     fn recycle_front(&mut self) -> Option<HeldChain> {
@@ -222,9 +246,9 @@ impl QueuePair {
             return RxStop::NotRunning;
         }
         self.rx.refresh_iovecs(mem, mem_generation);
-        let mut published = 0usize;
+        let mut published = self.deliver_offload_frames(state.get_queue_mut(), mem);
         let stop = loop {
-            if published == BATCH {
+            if published >= BATCH {
                 notify_guest(&mut self.rx.used, &mut state, mem);
                 published = 0;
             }
@@ -256,6 +280,7 @@ impl QueuePair {
             };
             if self.rx.held.is_empty() {
                 QueueMetrics::inc(&m.rx_no_buffer);
+                self.offload_no_buffer();
                 self.wait_for_buffers(queue, mem)?;
                 continue;
             }
@@ -307,17 +332,11 @@ impl QueuePair {
                             continue;
                         }
                         QueueMetrics::inc(&m.rx_no_buffer);
+                        self.offload_no_buffer();
                         self.wait_for_buffers(queue, mem)?;
                         continue;
                     }
-                    let mut copied = 0;
-                    for chain in self.rx.held.iter() {
-                        if copied == len {
-                            break;
-                        }
-                        copied +=
-                            copy_to_segments(mem, &chain.segments, 0, &self.rx.bounce[copied..len]);
-                    }
+                    self.rx.copy_into_held(mem, &self.rx.bounce[..len]);
                     QueueMetrics::inc(&m.rx_bounced);
                     self.rx.pending = 0;
                     (len, self.rx.pending_stamp)
@@ -371,6 +390,7 @@ impl QueuePair {
             }
         }
         let hook = self.hook().cloned();
+        let offload = self.offload().cloned();
         let mut remaining = len;
         self.rx.entries.clear();
         self.rx.hook_segments.clear();
@@ -381,14 +401,48 @@ impl QueuePair {
             let this = remaining.min(chain.len as usize);
             remaining -= this;
             self.rx.entries.push((chain.head, this as u32));
-            if hook.is_some() {
+            if hook.is_some() || offload.is_some() {
                 self.rx.hook_segments.extend_from_slice(&chain.segments);
             }
             self.rx.spare.push(chain.segments);
         }
+        // ACK offload: learn from the frame and keep a custody copy while
+        // the buffers are still ours (before the used index exposes them).
+        let mut offload_state = None;
+        if let Some(offload) = offload.as_ref() {
+            let mut headers = [0u8; HDR_LEN_V1 + MAX_HEADERS];
+            let want = hdr_len + (len - hdr_len).min(MAX_HEADERS);
+            let got = copy_from_segments(mem, &self.rx.hook_segments, 0, &mut headers[..want]);
+            let checksum = if headers[0] & FLAG_NEEDS_CSUM != 0 {
+                RxChecksum::Partial
+            } else if headers[0] & FLAG_DATA_VALID != 0 {
+                RxChecksum::Valid
+            } else {
+                RxChecksum::Unknown
+            };
+            let segments = &self.rx.hook_segments;
+            let mut engine = offload.lock();
+            let flow = engine.remote_rx(
+                self.index,
+                &headers[hdr_len..got.max(hdr_len)],
+                len - hdr_len,
+                checksum,
+                &mut |offset, buf| copy_from_segments(mem, segments, hdr_len + offset, buf),
+                now_ns(),
+            );
+            offload_state = flow.map(|f| (engine, f));
+        }
         // All buffers of the packet become visible to the guest at once.
         if self.rx.used.publish(queue, mem, &self.rx.entries).is_err() {
             QueueMetrics::inc(&m.bad_head_index);
+        }
+        // Rule 3: the early ACK only once the used index is published.
+        if let Some((mut engine, flow)) = offload_state {
+            self.rx.ack_frame.clear();
+            if engine.remote_published(&flow, &mut self.rx.ack_frame) {
+                drop(engine);
+                self.send_local_frame(&self.rx.ack_frame);
+            }
         }
         QueueMetrics::inc(&m.rx_packets);
         QueueMetrics::add(&m.rx_bytes, (len - hdr_len) as u64);
@@ -405,6 +459,58 @@ impl QueuePair {
             };
             hook.rx_published(self.index, &view, stamps);
         }
+    }
+
+    /// The guest has no buffers: the offload stops early ACKs (rule 3).
+    fn offload_no_buffer(&self) {
+        if let Some(offload) = self.offload() {
+            offload.lock().no_buffer();
+        }
+    }
+
+    /// Delivers frames the ACK offload queued for this pair's RX ring
+    /// (custody re-delivery, resets). A frame that finds no buffers is
+    /// dropped and counted: the offload retries on its own schedule.
+    fn deliver_offload_frames(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> usize {
+        let Some(offload) = self.offload.clone() else {
+            return 0;
+        };
+        if !offload.has_frames() {
+            return 0;
+        }
+        let mut frames = std::mem::take(&mut self.rx.offload_frames);
+        {
+            let mut engine = offload.lock();
+            engine.take_guest_frames(self.index, &mut frames);
+            offload.refresh(&engine);
+        }
+        let hdr_len = self.negotiated.hdr_len;
+        let m = self.metrics.clone();
+        let mut delivered = 0;
+        let mut packet = Vec::new();
+        for frame in frames.drain(..) {
+            let len = hdr_len + frame.len();
+            let want = if self.negotiated.mergeable { len } else { 1 };
+            self.rx.refill(queue, mem, want, hdr_len, &m);
+            let capacity = if self.negotiated.mergeable {
+                self.rx.held_bytes
+            } else {
+                self.rx.held.front().map_or(0, |c| c.len as usize)
+            };
+            if capacity < len {
+                offload.lock().guest_frame_dropped();
+                continue;
+            }
+            packet.clear();
+            packet.resize(hdr_len, 0);
+            packet.extend_from_slice(&frame);
+            self.rx.copy_into_held(mem, &packet);
+            self.publish(queue, mem, len, 0);
+            QueueMetrics::inc(&m.offload_frames_delivered);
+            delivered += 1;
+        }
+        self.rx.offload_frames = frames;
+        delivered
     }
 
     /// No room for the next frame: ask the guest to kick us when it posts

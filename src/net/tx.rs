@@ -13,9 +13,11 @@ use vm_memory::GuestMemoryMmap;
 use super::chain::{collect_segments, Access, ChainError, Segment};
 use super::rx::notify_guest;
 use super::used::UsedRing;
-use super::vnet_hdr::{VnetHdr, HDR_LEN_V1, MAX_FRAME_LEN};
-use super::{copy_from_segments, IovecBuf, QueuePair, BATCH, IOV_MAX};
+use super::vnet_hdr::{VnetHdr, FLAG_NEEDS_CSUM, HDR_LEN_V1, MAX_FRAME_LEN};
+use super::{copy_from_segments, push_iovecs_from, IovecBuf, QueuePair, BATCH, IOV_MAX};
 use crate::metrics::QueueMetrics;
+use crate::offload::flow::TxVerdict;
+use crate::offload::wire::MAX_HEADERS;
 use crate::port::tap;
 use crate::timing::{now_ns, PacketView, TxStamps};
 
@@ -28,6 +30,8 @@ pub struct TxState {
     segments: Vec<Segment>,
     iov: IovecBuf,
     linear: Vec<u8>,
+    /// Private copy of a frame's headers for the ACK offload to edit.
+    headers: Vec<u8>,
 }
 
 impl TxState {
@@ -149,7 +153,8 @@ impl QueuePair {
             QueueMetrics::inc(&m.tx_drop_bad_gso);
             return;
         }
-        if self.tx.iov.0.len() > IOV_MAX {
+        let linearize = self.tx.iov.0.len() > IOV_MAX;
+        if linearize {
             // More pieces than one writev takes: linearize.
             self.tx.linear.resize(total, 0);
             let n = copy_from_segments(mem, &self.tx.segments, 0, &mut self.tx.linear);
@@ -158,6 +163,62 @@ impl QueuePair {
                 iov_base: self.tx.linear.as_mut_ptr().cast(),
                 iov_len: n,
             });
+        }
+        if let Some(offload) = self.offload().cloned() {
+            // ACK offload (rule 10): learn from the guest's packet, then send
+            // it as is, send an edited copy of its headers, or drop it.
+            let edited = hdr_len + (total - hdr_len).min(MAX_HEADERS);
+            self.tx.headers.resize(edited, 0);
+            read_prefix(&self.tx.iov.0, &mut self.tx.headers);
+            let needs_csum = self.tx.headers[0] & FLAG_NEEDS_CSUM != 0;
+            let verdict = {
+                let mut engine = offload.lock();
+                let v = engine.guest_tx(
+                    &mut self.tx.headers[hdr_len..],
+                    total - hdr_len,
+                    needs_csum,
+                    now_ns(),
+                );
+                offload.refresh(&engine);
+                v
+            };
+            match verdict {
+                TxVerdict::Pass => {}
+                TxVerdict::Suppress => return,
+                TxVerdict::Rewritten if linearize => {
+                    self.tx.linear[..edited].copy_from_slice(&self.tx.headers);
+                }
+                TxVerdict::Rewritten => {
+                    self.tx.iov.0.clear();
+                    self.tx.iov.0.push(libc::iovec {
+                        iov_base: self.tx.headers.as_mut_ptr().cast(),
+                        iov_len: edited,
+                    });
+                    push_iovecs_from(
+                        mem,
+                        &self.tx.segments,
+                        edited,
+                        total - edited,
+                        &mut self.tx.iov.0,
+                    );
+                    if self.tx.iov.0.len() > IOV_MAX {
+                        // The edited header took one iovec too many.
+                        self.tx.linear.resize(total, 0);
+                        self.tx.linear[..edited].copy_from_slice(&self.tx.headers);
+                        let n = copy_from_segments(
+                            mem,
+                            &self.tx.segments,
+                            edited,
+                            &mut self.tx.linear[edited..],
+                        );
+                        self.tx.iov.0.clear();
+                        self.tx.iov.0.push(libc::iovec {
+                            iov_base: self.tx.linear.as_mut_ptr().cast(),
+                            iov_len: edited + n,
+                        });
+                    }
+                }
+            }
         }
         match tap::writev(self.tap_fd, &self.tx.iov.0) {
             Ok(Some(_)) => {

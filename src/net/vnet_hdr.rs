@@ -28,6 +28,8 @@ pub const NUM_BUFFERS_OFFSET: usize = 10;
 
 /// `flags`: the checksum from `csum_start` on must be completed by the receiver.
 pub const FLAG_NEEDS_CSUM: u8 = 1;
+/// `VIRTIO_NET_HDR_F_DATA_VALID`: the checksum was validated (device to driver).
+pub const FLAG_DATA_VALID: u8 = 2;
 /// `gso_type` values.
 pub const GSO_NONE: u8 = 0;
 /// TCP over IPv4 segmentation.

@@ -65,7 +65,7 @@ impl FlowKey {
 }
 
 /// Engine settings.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OffloadConfig {
     /// Emit early ACKs (the run-time switch).
     pub enabled: bool,
@@ -679,6 +679,21 @@ impl AckOffload {
         self.to_guest.get(queue).is_some_and(|q| !q.is_empty())
     }
 
+    /// Forgets every flow and queued frame.
+    pub fn clear(&mut self) {
+        self.flows.clear();
+        self.owed.clear();
+        self.custody_bytes = 0;
+        self.to_host.clear();
+        self.to_guest.iter_mut().for_each(VecDeque::clear);
+        self.publish_gauges();
+    }
+
+    /// Whether any outbox holds frames.
+    pub fn has_frames(&self) -> bool {
+        !self.to_host.is_empty() || self.to_guest.iter().any(|q| !q.is_empty())
+    }
+
     /// Takes the frames waiting for the tap.
     pub fn take_host_frames(&mut self, out: &mut Vec<Vec<u8>>) {
         out.extend(self.to_host.drain(..));
@@ -712,6 +727,8 @@ pub struct OffloadPort {
     /// Counters (also readable while the data path holds the lock).
     pub counters: Arc<OffloadCounters>,
     busy: AtomicBool,
+    /// Frames wait in an outbox.
+    frames: AtomicBool,
     enabled: AtomicBool,
     draining: AtomicBool,
 }
@@ -722,6 +739,7 @@ impl OffloadPort {
         let counters = Arc::new(OffloadCounters::default());
         OffloadPort {
             busy: AtomicBool::new(cfg.enabled),
+            frames: AtomicBool::new(false),
             enabled: AtomicBool::new(cfg.enabled),
             draining: AtomicBool::new(false),
             engine: Mutex::new(AckOffload::new(cfg, queue_pairs, counters.clone())),
@@ -744,6 +762,13 @@ impl OffloadPort {
     /// Re-evaluates the `busy` hint after the engine changed.
     pub fn refresh(&self, engine: &AckOffload) {
         self.busy.store(!engine.idle(), Ordering::Relaxed);
+        self.frames.store(engine.has_frames(), Ordering::Relaxed);
+    }
+
+    /// Whether frames wait in an outbox (lock-free hint).
+    #[inline]
+    pub fn has_frames(&self) -> bool {
+        self.frames.load(Ordering::Relaxed)
     }
 
     /// The run-time switch.
@@ -759,6 +784,23 @@ impl OffloadPort {
         let mut e = self.lock();
         e.set_draining(on);
         self.draining.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether a migration drain is on.
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Whether early ACKs are on.
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    /// Forgets every flow (the frontend and its guest are gone).
+    pub fn reset(&self) {
+        let mut e = self.lock();
+        e.clear();
+        self.refresh(&e);
     }
 
     /// Counters snapshot.

@@ -28,6 +28,7 @@ use vmm_sys_util::event::{
 use crate::metrics::QueueMetrics;
 use crate::net::vnet_hdr::Negotiated;
 use crate::net::{QueuePair, Vring};
+use crate::offload::OffloadPort;
 use crate::port::Tap;
 use crate::timing::DataPathHook;
 
@@ -41,6 +42,8 @@ pub enum DeviceEvent {
     TxRing,
     /// The tap queue has frames.
     Tap,
+    /// The worker's periodic timer (ACK offload custody and ageing).
+    Timer,
 }
 
 impl DeviceEvent {
@@ -50,6 +53,7 @@ impl DeviceEvent {
             0 => Some(DeviceEvent::RxRing),
             1 => Some(DeviceEvent::TxRing),
             x if x == tap_event_id(num_queues) as usize => Some(DeviceEvent::Tap),
+            x if x == timer_event_id(num_queues) as usize => Some(DeviceEvent::Timer),
             _ => None,
         }
     }
@@ -60,6 +64,17 @@ impl DeviceEvent {
 pub fn tap_event_id(num_queues: usize) -> u64 {
     num_queues as u64 + 1
 }
+
+/// The epoll id of the worker's periodic timer.
+pub fn timer_event_id(num_queues: usize) -> u64 {
+    num_queues as u64 + 2
+}
+
+/// How often each worker runs the offload's periodic work.
+pub const TIMER_PERIOD: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// `VHOST_F_LOG_ALL`: the frontend asks for dirty logging (migration started).
+pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
 
 /// Virtio-net features vsnoop offers.
 pub fn device_features(queue_pairs: usize) -> u64 {
@@ -75,6 +90,10 @@ pub fn device_features(queue_pairs: usize) -> u64 {
         | (1 << VIRTIO_NET_F_GUEST_ECN)
         | (1 << VIRTIO_RING_F_EVENT_IDX)
         | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+        // Accepted so the ACK offload sees migration start and end (rule 15).
+        // Without the LOG_SHMFD protocol feature QEMU never migrates us, so
+        // it never sets this bit; frontends that do get the drain.
+        | VHOST_F_LOG_ALL
         | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
     if queue_pairs > 1 {
         features |= 1 << VIRTIO_NET_F_MQ;
@@ -93,6 +112,10 @@ struct Shared {
     /// Bumped whenever the frontend changes the memory table.
     mem_generation: AtomicU64,
     mem: RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
+    /// The ACK offload engine.
+    offload: Arc<OffloadPort>,
+    /// One periodic timer per worker.
+    timers: Vec<Mutex<vmm_sys_util::timerfd::TimerFd>>,
 }
 
 /// The vsnoop net device (cheap to clone: all clones share one device).
@@ -106,27 +129,36 @@ pub struct NetBackend {
 
 impl NetBackend {
     /// A device over `tap` (one tap queue per queue pair).
-    pub fn new(tap: Tap, queue_size: usize, hook: Option<Arc<dyn DataPathHook>>) -> Self {
+    pub fn new(
+        tap: Tap,
+        queue_size: usize,
+        hook: Option<Arc<dyn DataPathHook>>,
+        offload: Arc<OffloadPort>,
+    ) -> io::Result<Self> {
         let metrics: Vec<_> = (0..tap.num_queues())
             .map(|_| Arc::new(QueueMetrics::default()))
             .collect();
         let pairs = (0..tap.num_queues())
             .map(|i| {
-                Mutex::new(QueuePair::new(
-                    i,
-                    tap.queue_fd(i),
-                    metrics[i].clone(),
-                    hook.clone(),
-                ))
+                let mut pair = QueuePair::new(i, tap.queue_fd(i), metrics[i].clone(), hook.clone());
+                pair.offload = Some(offload.clone());
+                Mutex::new(pair)
             })
             .collect();
+        let timers = (0..tap.num_queues())
+            .map(|_| {
+                let mut t = vmm_sys_util::timerfd::TimerFd::new()?;
+                t.reset(TIMER_PERIOD, Some(TIMER_PERIOD))?;
+                Ok(Mutex::new(t))
+            })
+            .collect::<io::Result<Vec<_>>>()?;
         // Only queue pair 0 is in use until the guest enables more.
         for i in 1..tap.num_queues() {
             if let Err(e) = tap.set_queue_enabled(i, false) {
                 warn!("{e}");
             }
         }
-        NetBackend {
+        Ok(NetBackend {
             shared: Arc::new(Shared {
                 tap,
                 queue_size,
@@ -136,9 +168,20 @@ impl NetBackend {
                 generation: AtomicU64::new(0),
                 mem_generation: AtomicU64::new(1),
                 mem: RwLock::new(None),
+                offload,
+                timers,
             }),
             generation: 0,
-        }
+        })
+    }
+
+    /// The worker timer fd of queue pair `index`.
+    pub fn timer_fd(&self, index: usize) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.shared.timers[index]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_raw_fd()
     }
 
     /// Counters of every queue pair.
@@ -183,6 +226,8 @@ impl NetBackend {
             self.set_tap_queue(&mut pair, false);
         }
         self.shared.acked_features.store(0, Ordering::Relaxed);
+        // The guest's connections and buffers are gone with the frontend.
+        self.shared.offload.reset();
     }
 
     /// Attaches or detaches a pair's tap queue; queue 0 always stays attached
@@ -238,6 +283,19 @@ impl VhostUserBackend for NetBackend {
         for i in 0..self.queue_pairs() {
             let mut pair = self.pair(i);
             pair.negotiated = negotiated;
+        }
+        let migrating = features & VHOST_F_LOG_ALL != 0;
+        if migrating != self.shared.offload.draining() {
+            info!(
+                "VHOST_F_LOG_ALL {}: ACK offload {}",
+                if migrating { "set" } else { "cleared" },
+                if migrating {
+                    "draining (no new early ACKs)"
+                } else {
+                    "resumed"
+                }
+            );
+            self.shared.offload.set_draining(migrating);
         }
         info!(
             "features acked {features:#x}: header {} bytes, mergeable {}, tap offloads {:#x}",
@@ -322,11 +380,29 @@ impl VhostUserBackend for NetBackend {
         if !pair.tap_attached {
             self.set_tap_queue(&mut pair, true);
         }
+        let mem_generation = self.shared.mem_generation.load(Ordering::Acquire);
         match event {
-            DeviceEvent::TxRing => pair.process_tx(&mem),
+            DeviceEvent::TxRing => {
+                pair.process_tx(&mem);
+                // Guest ACKs may have asked for custody re-delivery.
+                if pair.flush_offload_frames() {
+                    pair.process_rx(&mem, mem_generation);
+                }
+            }
             DeviceEvent::RxRing | DeviceEvent::Tap => {
-                let mem_generation = self.shared.mem_generation.load(Ordering::Acquire);
                 pair.process_rx(&mem, mem_generation);
+            }
+            DeviceEvent::Timer => {
+                if let Err(e) = self.shared.timers[thread_id]
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .wait()
+                {
+                    debug!("worker timer: {e}");
+                }
+                if pair.offload_tick() {
+                    pair.process_rx(&mem, mem_generation);
+                }
             }
         }
         Ok(())
