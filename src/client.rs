@@ -38,11 +38,11 @@ pub fn run(command: Command) -> Result<()> {
             let mut client = ControlClient::connect(&control)?;
             if json {
                 let value = client.request_value(&Request::Stats { limit: None })?;
-                println!("{value}");
+                emit(&format!("{value}\n"))?;
             } else {
                 // The summary shows no flows: do not ship them.
                 let stats: StatsReply = client.request(&Request::Stats { limit: Some(0) })?;
-                print!("{}", format_stats(&stats));
+                emit(&format_stats(&stats))?;
             }
         }
         Command::Flows {
@@ -54,16 +54,14 @@ pub fn run(command: Command) -> Result<()> {
             let request = Request::Flows { limit: Some(limit) };
             if json {
                 let mut value = client.request_value(&request)?;
-                println!(
-                    "{}",
-                    value.get_mut("flows").map(Value::take).unwrap_or_default()
-                );
+                let flows = value.get_mut("flows").map(Value::take).unwrap_or_default();
+                emit(&format!("{flows}\n"))?;
             } else {
                 let reply: FlowsReply = client.request(&request)?;
                 if reply.flows.is_empty() {
-                    println!("no flows tracked");
+                    emit("no flows tracked\n")?;
                 } else {
-                    print!("{}", format_flows(&reply.flows));
+                    emit(&format_flows(&reply.flows))?;
                 }
             }
         }
@@ -73,7 +71,7 @@ pub fn run(command: Command) -> Result<()> {
             let reply: AckOffloadReply = client.request(&Request::AckOffload {
                 on: state == Switch::On,
             })?;
-            println!("ack offload: {}", on_off(reply.ack_offload));
+            emit(&format!("ack offload: {}\n", on_off(reply.ack_offload)))?;
         }
         Command::Capture { control, action } => {
             let request = match action {
@@ -89,12 +87,13 @@ pub fn run(command: Command) -> Result<()> {
             let stopping = matches!(request, Request::CaptureStop {});
             let mut client = ControlClient::connect(&control)?;
             let reply: CaptureReply = client.request(&request)?;
-            match (reply.capture, stopping) {
-                (Some(c), true) => println!("capture stopped: {}", describe_capture(&c)),
-                (Some(c), false) => println!("capture: {}", describe_capture(&c)),
-                (None, true) => println!("no capture was running"),
-                (None, false) => println!("capture: off"),
-            }
+            let line = match (reply.capture, stopping) {
+                (Some(c), true) => format!("capture stopped: {}\n", describe_capture(&c)),
+                (Some(c), false) => format!("capture: {}\n", describe_capture(&c)),
+                (None, true) => "no capture was running\n".to_string(),
+                (None, false) => "capture: off\n".to_string(),
+            };
+            emit(&line)?;
         }
         Command::Report {
             file,
@@ -190,6 +189,16 @@ impl ControlClient {
         let value = self.request_value(request)?;
         serde_json::from_value(value)
             .context("unexpected reply from the daemon (version mismatch?)")
+    }
+}
+
+/// Writes a reply to stdout. A reader that went away (`vsnoop stats --json
+/// | head -c 100`) is not an error: there is nobody left to tell.
+fn emit(text: &str) -> Result<()> {
+    let mut out = io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != io::ErrorKind::BrokenPipe => Err(e).context("writing to stdout"),
+        _ => Ok(()),
     }
 }
 

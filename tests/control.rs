@@ -549,8 +549,42 @@ fn stats_and_flows_show_the_ping_flow() -> Result<()> {
             "{needle:?} missing from\n{summary}"
         );
     }
+
+    // A reader that went away (`vsnoop stats --json | head -c 100`) is not
+    // an error: no panic, no message, exit status 0.
+    for args in [&["stats", "--json"][..], &["flows"], &["stats"]] {
+        let out = Command::new(VSNOOP)
+            .args(args)
+            .args(["--control", d.ctl()])
+            .stdin(Stdio::null())
+            .stdout(closed_pipe()?)
+            .stderr(Stdio::piped())
+            .output()?;
+        ensure!(
+            out.status.success() && out.stderr.is_empty(),
+            "vsnoop {args:?} into a closed pipe: {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     d.assert_alive();
     Ok(())
+}
+
+/// The write end of a pipe whose read end is already closed.
+fn closed_pipe() -> Result<Stdio> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 returns.
+    ensure!(
+        unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } == 0,
+        "pipe2: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: both descriptors were just created and are owned by nobody else.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    drop(read);
+    Ok(Stdio::from(write))
 }
 
 #[test]
