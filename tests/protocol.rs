@@ -20,6 +20,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use common::frontend::*;
+use vhost::VhostBackend;
 use common::{require_tool, Netns, TempDir, Vsnoop};
 
 const T: Duration = Duration::from_secs(10);
@@ -1485,6 +1486,32 @@ fn reconnect_after_disconnect() -> Result<()> {
     let mut fe = env.connect(opts(0, Order::Spec))?;
     fe.fill_rx(0, &[12, 1514], false)?;
     both_ways(&mut env, &mut fe, Traffic::new(50), &mut rng)?;
+    env.finish();
+    Ok(())
+}
+
+/// `VHOST_F_LOG_ALL`.
+const F_LOG_ALL: u64 = 1 << 26;
+
+#[test]
+fn log_all_drains_the_ack_offload_and_clearing_it_resumes() -> Result<()> {
+    // Migration start (SET_FEATURES with LOG_ALL) must reach the ACK offload
+    // (rule 15), and traffic keeps flowing while it drains and after.
+    let mut env = Env::start(&["--ack-offload", "on"]);
+    let mut rng = StdRng::seed_from_u64(15);
+    let mut fe = env.connect(opts(F_MRG_RXBUF | F_EVENT_IDX, Order::Spec))?;
+    fe.fill_rx(0, &[1536], false)?;
+    both_ways(&mut env, &mut fe, Traffic::new(20), &mut rng)?;
+    ensure!(
+        fe.offered & F_LOG_ALL != 0,
+        "the backend does not offer VHOST_F_LOG_ALL"
+    );
+    fe.fe.set_features(fe.acked | F_LOG_ALL).context("SET_FEATURES +LOG_ALL")?;
+    env.wait_log_count("VHOST_F_LOG_ALL set: ACK offload draining", 1)?;
+    both_ways(&mut env, &mut fe, Traffic::new(20), &mut rng)?;
+    fe.fe.set_features(fe.acked).context("SET_FEATURES -LOG_ALL")?;
+    env.wait_log_count("VHOST_F_LOG_ALL cleared: ACK offload resumed", 1)?;
+    both_ways(&mut env, &mut fe, Traffic::new(20), &mut rng)?;
     env.finish();
     Ok(())
 }
