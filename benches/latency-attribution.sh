@@ -125,6 +125,15 @@ start() { # scenario: vsnoop with --control, then the guest
         echo 10000 >"$CGROUP/cpu.cfs_quota_us"
         local tid
         for tid in /proc/"$QEMU_PID"/task/*; do echo "${tid##*/}" >"$CGROUP/tasks"; done
+        # The guest's CPU hog must keep the vCPU busy, or the quota never
+        # bites and "throttled" measures an idle guest.
+        sleep 3
+        local periods throttled
+        periods=$(awk '$1 == "nr_periods" { print $2 }' "$CGROUP/cpu.stat")
+        throttled=$(awk '$1 == "nr_throttled" { print $2 }' "$CGROUP/cpu.stat")
+        log "throttled: QEMU throttled in $throttled of $periods periods (3 s)"
+        ((throttled * 2 >= periods && periods > 0)) ||
+            die "the guest does not use its CPU quota (throttled in $throttled of $periods periods): its CPU hog (vsnoop.busy=1) is not running; rebuild the guest (scripts/build-guest.sh)"
         ;;
     bulk)
         ip netns exec "$NS" iperf3 -c "$GUEST_IP" -t 3600 >"$WORK/iperf.log" 2>&1 &
