@@ -1,25 +1,38 @@
 #!/usr/bin/env bash
 # Builds the small test guest used by tests/guest.rs and the qemu-configs/ examples:
 #   ${VSNOOP_GUEST_DIR:-<repo>/target/guest}/vmlinuz       Debian cloud kernel
-#   ${VSNOOP_GUEST_DIR:-<repo>/target/guest}/initramfs.gz  busybox + iperf3 + virtio-net modules
+#   ${VSNOOP_GUEST_DIR:-<repo>/target/guest}/initramfs.gz  busybox + iperf3 + tcpsink + virtio-net modules
 #
 # The result is cached: nothing is rebuilt while both files exist and the stamp of the inputs
-# (this script, the kernel package version, the busybox-static and iperf3 versions) matches.
+# (this script, the image layout version, the kernel package version, the busybox-static and
+# iperf3 versions, the tcpsink source and the gcc / libc6-dev versions) matches.
 # Set VSNOOP_GUEST_REBUILD=1 to force a rebuild.
 #
 # Needs (Debian 12, after `apt-get update`):
-#   apt-get install busybox-static iperf3 cpio
+#   apt-get install busybox-static iperf3 cpio gcc libc6-dev
 # and network access to Debian's mirrors for `apt-get download` of the kernel package.
 # Runs without root (dpkg -x and cpio need none); everything happens in a scratch directory.
 #
 # Guest /init: mounts proc/sys/devtmpfs, loads the virtio-net modules in order, configures eth0
-# from the kernel command line, starts `iperf3 -s -D`, prints VSNOOP-GUEST-READY and runs an
-# interactive shell on the serial console (ttyS0) with echo off. Kernel command line parameters:
+# from the kernel command line, applies vsnoop.sysctl, starts `iperf3 -s -D` and
+# `tcpsink -D -p 5001`, prints VSNOOP-GUEST-READY and runs an interactive shell on the serial
+# console (ttyS0) with echo off. Kernel command line parameters:
 #   vsnoop.ip=10.77.0.2/24   address of eth0 (default 10.77.0.2/24)
 #   vsnoop.gw=10.77.0.1      optional default route
 #   vsnoop.mtu=1500          optional MTU
 #   vsnoop.iperf=0           do not start the iperf3 server
 #   vsnoop.busy=1            start a CPU hog at nice 19 (a VM with its own load)
+#   vsnoop.sink=0            do not start the tcpsink server on port 5001
+#   vsnoop.sinkargs=A,B,...  extra tcpsink options, commas become spaces
+#                            (e.g. vsnoop.sinkargs=-r,2048,-c,1)
+#   vsnoop.sysctl=K=V,K=V    `sysctl -w K=V` for each pair before any service starts; a ':' in
+#                            a value becomes a space (net.ipv4.tcp_rmem=4096:131072:1048576)
+#
+# /bin/tcpsink (source: tests/tools/guest/tcpsink.c, built here with `gcc -static -O2`): per
+# connection the client sends an 8-byte big-endian length L and L bytes; the sink reads them
+# all and answers one line "<L> <sha256-hex>\n", then closes. Options: -p PORT (5001),
+# -r SO_RCVBUF (0 = default), -c read size (65536), -d MS sleep after every read,
+# -P BYTES:MS pause once after BYTES received, -D daemonize.
 set -euo pipefail
 
 log() { printf 'build-guest: %s\n' "$*" >&2; }
@@ -35,6 +48,10 @@ MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_p
 for tool in apt-cache apt-get dpkg dpkg-deb dpkg-query cpio gzip ldd sha256sum find; do
     command -v "$tool" >/dev/null 2>&1 || die "missing tool '$tool' (apt-get install cpio gzip dpkg apt)"
 done
+# The guest's tcpsink is compiled here (static, no libraries in the guest).
+command -v gcc >/dev/null 2>&1 || die "missing tool 'gcc': apt-get install gcc libc6-dev (builds the guest's tcpsink)"
+TCPSINK_SRC="$REPO/tests/tools/guest/tcpsink.c"
+[ -f "$TCPSINK_SRC" ] || die "missing $TCPSINK_SRC"
 
 # --- inputs -----------------------------------------------------------------------------------
 BUSYBOX=""
@@ -56,8 +73,14 @@ KPKG=$(apt-cache depends "$META_PKG" 2>/dev/null \
 KVER_PKG=$(apt-cache policy "$KPKG" | awk '/Candidate:/ { print $2; exit }')
 [ -n "$KVER_PKG" ] && [ "$KVER_PKG" != "(none)" ] || die "no installable candidate for $KPKG"
 
+# Bump IMAGE_LAYOUT whenever the image's contents or /init change in a way the inputs below
+# do not capture, so cached images are rebuilt.
+IMAGE_LAYOUT=2
 STAMP_TEXT=$(cat <<STAMP
+layout=$IMAGE_LAYOUT
 script=$(sha256sum "${BASH_SOURCE[0]}" | cut -d' ' -f1)
+tcpsink=$(sha256sum "$TCPSINK_SRC" | cut -d' ' -f1)
+gcc=$(gcc -dumpfullversion 2>/dev/null || gcc -dumpversion) libc6-dev=$(pkgver libc6-dev)
 kernel=$KPKG=$KVER_PKG
 busybox=$(pkgver busybox-static)
 iperf3=$(pkgver iperf3) libiperf0=$(pkgver libiperf0)
@@ -142,6 +165,13 @@ ldd "$IPERF3" | awk '/=>/ { print $3; next } /^[ \t]*\// { print $1 }' | while r
 done
 [ -e "$ROOT/lib64/ld-linux-x86-64.so.2" ] || die "dynamic loader not copied for iperf3"
 
+log "compiling tcpsink (gcc -static -O2)"
+gcc -static -O2 -Wall -o "$ROOT/bin/tcpsink" "$TCPSINK_SRC" \
+    || die "gcc -static failed for $TCPSINK_SRC (apt-get install gcc libc6-dev)"
+if ldd "$ROOT/bin/tcpsink" >/dev/null 2>&1; then
+    die "tcpsink is not statically linked (libc6-dev without libc.a?)"
+fi
+
 cat > "$ROOT/etc/passwd" <<'P'
 root:x:0:0:root:/root:/bin/sh
 P
@@ -168,7 +198,7 @@ echo 1 > /proc/sys/kernel/printk
 
 say() { echo "vsnoop-guest: $*"; }
 
-IP=10.77.0.2/24 GW= MTU= IPERF=1 BUSY=0
+IP=10.77.0.2/24 GW= MTU= IPERF=1 BUSY=0 SINK=1 SINKARGS= SYSCTL=
 for word in $(cat /proc/cmdline); do
     case "$word" in
         vsnoop.ip=*) IP=${word#vsnoop.ip=} ;;
@@ -176,7 +206,20 @@ for word in $(cat /proc/cmdline); do
         vsnoop.mtu=*) MTU=${word#vsnoop.mtu=} ;;
         vsnoop.iperf=*) IPERF=${word#vsnoop.iperf=} ;;
         vsnoop.busy=*) BUSY=${word#vsnoop.busy=} ;;
+        vsnoop.sink=*) SINK=${word#vsnoop.sink=} ;;
+        vsnoop.sinkargs=*) SINKARGS=$(echo "${word#vsnoop.sinkargs=}" | tr ',' ' ') ;;
+        vsnoop.sysctl=*) SYSCTL=$(echo "${word#vsnoop.sysctl=}" | tr ',' ' ') ;;
     esac
+done
+
+# vsnoop.sysctl=key=value,...: applied before any connection exists (':' in a value -> ' ').
+for kv in $SYSCTL; do
+    key=${kv%%=*} value=$(echo "${kv#*=}" | tr ':' ' ')
+    if sysctl -w "$key=$value" >/dev/null 2>&1; then
+        say "sysctl $key=$value"
+    else
+        say "ERROR: sysctl -w $key=$value failed"
+    fi
 done
 
 for m in $(cat /lib/modules/order); do
@@ -196,6 +239,14 @@ else
     say "ERROR: no eth0"
 fi
 [ "$IPERF" = 1 ] && iperf3 -s -D >/dev/null 2>&1 && say "iperf3 server started"
+if [ "$SINK" = 1 ]; then
+    # shellcheck disable=SC2086 # SINKARGS is a list of options
+    if tcpsink -D -p 5001 $SINKARGS; then
+        say "tcpsink started on 5001 $SINKARGS"
+    else
+        say "ERROR: tcpsink -D -p 5001 $SINKARGS failed"
+    fi
+fi
 # vsnoop.busy=1: a CPU hog at the lowest priority, so the vCPU always has
 # work (a VM sharing its core with its own load) while the network stack
 # still runs first.

@@ -2,7 +2,9 @@
 //!
 //! The guest image (`vmlinuz`, `initramfs.gz`) comes from `scripts/build-guest.sh`
 //! (`$VSNOOP_GUEST_DIR`, default `target/guest`). Its /init configures eth0 from
-//! `vsnoop.ip=...`, starts `iperf3 -s -D`, prints `VSNOOP-GUEST-READY` and runs an
+//! `vsnoop.ip=...`, applies `vsnoop.sysctl=...`, starts `iperf3 -s -D` and
+//! `tcpsink -D -p 5001` ([`SINK_PORT`], unless `vsnoop.sink=0`; extra options from
+//! `vsnoop.sinkargs=...`), prints `VSNOOP-GUEST-READY` and runs an
 //! interactive shell on ttyS0 with echo off. The serial console is QEMU's stdio,
 //! connected to pipes here; [`Guest::run`] frames each command with begin/end
 //! markers (`echo __VSB""EGIN_n` so the marker never matches its own text) and
@@ -42,6 +44,13 @@ pub const GUEST_MAC: &str = "52:54:00:77:00:02";
 /// Fixed MAC the tests give the host side of the tap, so a re-created tap keeps
 /// its address and the guest's neighbour entry stays valid.
 pub const HOST_MAC: &str = "02:77:00:00:00:01";
+
+/// Port of the guest's `tcpsink` (started by /init unless `vsnoop.sink=0`;
+/// protocol in `tests/tools/guest/tcpsink.c` and [`super::sink`]).
+pub const SINK_PORT: u16 = 5001;
+/// Guest shell snippet that stops every tcpsink process and waits until they are gone.
+const STOP_SINK_CMD: &str =
+    "killall tcpsink 2>/dev/null; n=0; while pidof tcpsink >/dev/null && [ $n -lt 50 ]; do sleep 0.1; n=$((n+1)); done; ";
 
 const READY: &str = "VSNOOP-GUEST-READY";
 /// The guest shell's PS1 (set by the guest's /init).
@@ -508,6 +517,42 @@ impl Guest {
     pub fn console_log_path(&self) -> &Path {
         &self.console_path
     }
+
+    /// Stops the guest's tcpsink (the listener and every connection it is
+    /// serving) and waits until no tcpsink process is left.
+    pub fn stop_sink(&mut self) {
+        self.run_ok(STOP_SINK_CMD, Duration::from_secs(30));
+    }
+
+    /// (Re)starts the guest's tcpsink as `tcpsink -D -p SINK_PORT ARGS` (see
+    /// `tests/tools/guest/tcpsink.c` for the options) after stopping any
+    /// running one, and waits until it listens.
+    pub fn restart_sink(&mut self, args: &str) {
+        self.stop_sink();
+        self.run_ok(
+            &format!(
+                "tcpsink -D -p {SINK_PORT} {args} && n=0; \
+                 while ! netstat -ltn | grep -q ':{SINK_PORT} ' && [ $n -lt 50 ]; do sleep 0.1; n=$((n+1)); done; \
+                 netstat -ltn | grep -q ':{SINK_PORT} '"
+            ),
+            Duration::from_secs(30),
+        );
+    }
+
+    /// Applies `sysctl -w key=value` in the guest for each pair (new TCP
+    /// connections pick the values up) and returns `sysctl -n` of each key
+    /// afterwards, in order.
+    pub fn sysctl(&mut self, settings: &[(&str, &str)]) -> Vec<String> {
+        let mut values = Vec::new();
+        for (key, value) in settings {
+            let out = self.run_ok(
+                &format!("sysctl -w {key}='{value}' >/dev/null && sysctl -n {key}"),
+                Duration::from_secs(30),
+            );
+            values.push(out.trim().to_string());
+        }
+        values
+    }
 }
 
 impl Drop for Guest {
@@ -605,6 +650,11 @@ pub fn send_to_guest(
     size: usize,
     timeout: Duration,
 ) -> Transfer {
+    if port == SINK_PORT {
+        // The guest's /init runs tcpsink on SINK_PORT; nc needs that port to
+        // itself, and the sender below must not reach the sink instead.
+        guest.stop_sink();
+    }
     let mut data = vec![0u8; size];
     rand::thread_rng().fill_bytes(&mut data);
     let sender_sha256 = sha256_hex(&data);

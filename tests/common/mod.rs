@@ -11,6 +11,8 @@ pub mod frontend;
 
 pub mod netem;
 
+pub mod sink;
+
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
