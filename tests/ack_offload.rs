@@ -308,7 +308,13 @@ fn spawn_vsnoop(
             "--control",
             control.to_str().unwrap(),
             "--ack-offload",
-            "on",
+            // VSNOOP_TEST_OFFLOAD=off: the same tests with the offload off
+            // (a baseline when something fails: is it the offload?).
+            if std::env::var("VSNOOP_TEST_OFFLOAD").as_deref() == Ok("off") {
+                "off"
+            } else {
+                "on"
+            },
         ],
         &log,
     );
@@ -479,13 +485,17 @@ fn bulk_host_to_guest() {
     );
     let early = checks.get(&after, "early_acks") - off(&before, "early_acks").unwrap_or(0);
     let bytes = checks.get(&after, "early_acked_bytes");
+    // Lagging guest ACKs are suppressed when they bring nothing new, and
+    // rewritten (to E) when they carry a window update, which is most of them
+    // while the application reads: either way the guest's own ACKs were acted on.
     let suppressed = checks.get(&after, "guest_acks_suppressed");
+    let rewritten = checks.get(&after, "guest_acks_rewritten");
     let offloaded = checks.get(&after, "flows_offloaded");
     checks.check(early > 0, format!("early_acks did not grow ({early})"));
     checks.check(bytes > 0, format!("early_acked_bytes is {bytes}"));
     checks.check(
-        suppressed > 0,
-        format!("guest_acks_suppressed is {suppressed}"),
+        suppressed + rewritten > 0,
+        format!("guest_acks_suppressed {suppressed} + guest_acks_rewritten {rewritten} is 0"),
     );
     checks.check(offloaded >= 1, format!("flows_offloaded is {offloaded}"));
     rig.guest_health();

@@ -130,6 +130,8 @@ pub enum Mode {
 struct SynFacts {
     seen: bool,
     isn: u32,
+    /// Window field of the SYN (never scaled).
+    window: u16,
     wscale: Option<u8>,
     timestamps: bool,
     mss: Option<u16>,
@@ -144,6 +146,7 @@ impl SynFacts {
         SynFacts {
             seen: true,
             isn: seg.seq,
+            window: seg.window,
             wscale: seg.options.wscale,
             timestamps: seg.options.timestamps.is_some(),
             mss: seg.options.mss,
@@ -381,6 +384,11 @@ impl Flow {
         self.mode == Mode::Active
     }
 
+    /// Whether a FIN was seen in either direction.
+    pub fn closing(&self) -> bool {
+        self.closing
+    }
+
     /// Whether the flow only passes packets (and owes nothing).
     pub fn inert(&self) -> bool {
         matches!(self.mode, Mode::PassThrough(_)) && !self.owes()
@@ -454,9 +462,14 @@ impl Flow {
         let accecn = init.ae || (init.ece && init.cwr && (resp.cwr || resp.ae));
         self.ecn = init.ece && init.cwr && resp.ece && !accecn;
         self.guest_mss = g.mss.unwrap_or(536).clamp(64, 9000);
+        // Sequence state starts at the remote's ISN + 1, which the guest's
+        // SYN(-ACK) acknowledged, with the guest's unscaled SYN window.
         self.d = r.isn.wrapping_add(1);
-        self.e = seq_max(self.e, self.d);
+        self.e = self.d;
         self.gack = self.d;
+        self.gwin = g.window;
+        self.gedge = self.d.wrapping_add(u32::from(g.window));
+        self.edge_sent = self.gedge;
         self.custody.reset(self.d);
         if !matches!(self.mode, Mode::PassThrough(_)) {
             self.mode = if accecn {
@@ -530,7 +543,10 @@ impl Flow {
         }
         if seg.window == 0 {
             fx.offline = fx.offline.or(self.go_offline(OfflineReason::ZeroWindow));
-        } else if seq_lt(edge, self.gedge) {
+        } else if seq_lt(edge.wrapping_add(1 << self.ws_guest), self.gedge) {
+            // Scaling rounds the window down by up to 2^ws - 1 bytes (the
+            // unscaled SYN-ACK window, for one): only more than that is a
+            // retracted edge.
             fx.offline = fx
                 .offline
                 .or(self.go_offline(OfflineReason::WindowRetracted));

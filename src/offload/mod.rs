@@ -651,7 +651,8 @@ impl AckOffload {
             let mut freed = 0usize;
             self.flows.retain(|_, f| {
                 let idle = now.saturating_sub(f.last_seen);
-                let limit = if f.active() || matches!(f.mode, Mode::Offline(_)) {
+                let open = f.active() || matches!(f.mode, Mode::Offline(_));
+                let limit = if open && !f.closing() {
                     IDLE_NS
                 } else {
                     IDLE_SHORT_NS

@@ -6,8 +6,9 @@ use super::wire::{self, flags, TcpSegment};
 use super::*;
 use etherparse::{PacketBuilder, TcpOptionElement};
 
-const REMOTE_ISN: u32 = 1_000;
-const GUEST_ISN: u32 = 50_000;
+// Above 2^31, so every comparison must be sequence-space arithmetic.
+const REMOTE_ISN: u32 = 0x8000_1000;
+const GUEST_ISN: u32 = 0xc000_0000;
 const GUEST_WS: u8 = 2;
 
 /// Options of a test connection.
@@ -227,11 +228,18 @@ impl Harness {
         }
         let ts = self.ts_g();
         let ecn = if self.conn.ecn { flags::ECE } else { 0 };
+        // The SYN-ACK's window is never scaled: the same edge as the
+        // scaled 1000 of the guest's next ACK.
+        let syn_window = if self.conn.wscale {
+            1000 << GUEST_WS
+        } else {
+            1000
+        };
         let (v, _) = self.tx(Seg {
             seq: GUEST_ISN,
             ack: REMOTE_ISN + 1,
             flags: flags::SYN | flags::ACK | ecn,
-            window: 65_000,
+            window: syn_window,
             ts,
             extra: opts,
             ..Seg::default()
