@@ -20,8 +20,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use common::frontend::*;
-use vhost::VhostBackend;
 use common::{require_tool, Netns, TempDir, Vsnoop};
+use vhost::VhostBackend;
 
 const T: Duration = Duration::from_secs(10);
 const GUEST_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x77, 0x00, 0x02];
@@ -1506,10 +1506,14 @@ fn log_all_drains_the_ack_offload_and_clearing_it_resumes() -> Result<()> {
         fe.offered & F_LOG_ALL != 0,
         "the backend does not offer VHOST_F_LOG_ALL"
     );
-    fe.fe.set_features(fe.acked | F_LOG_ALL).context("SET_FEATURES +LOG_ALL")?;
+    fe.fe
+        .set_features(fe.acked | F_LOG_ALL)
+        .context("SET_FEATURES +LOG_ALL")?;
     env.wait_log_count("VHOST_F_LOG_ALL set: ACK offload draining", 1)?;
     both_ways(&mut env, &mut fe, Traffic::new(20), &mut rng)?;
-    fe.fe.set_features(fe.acked).context("SET_FEATURES -LOG_ALL")?;
+    fe.fe
+        .set_features(fe.acked)
+        .context("SET_FEATURES -LOG_ALL")?;
     env.wait_log_count("VHOST_F_LOG_ALL cleared: ACK offload resumed", 1)?;
     both_ways(&mut env, &mut fe, Traffic::new(20), &mut rng)?;
     env.finish();
