@@ -122,6 +122,9 @@ pmd_counter() { # logfile RX|TX packets|bytes
 
 now() { date +%s.%N; }
 
+# CPU time (user + system, all threads, in clock ticks) of a process so far.
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
+
 # Predicates for wait_for (evaluated afresh on every poll).
 tap_rx_over() { (($(nsread "$TAP" rx_packets) > $1)); }
 pmd_rx_over() { (($(pmd_counter "$WORK/A.log" RX packets) > $1)); }
@@ -188,7 +191,11 @@ vsnoop_stats() { # -> prints summed key=value pairs
          END { for (k in s) printf "%s=%s ", k, s[k]; print "" }' "$WORK/vsnoop.log"
 }
 
-# One measurement; prints "pps bps frames" (bps on the Ethernet frame bytes).
+# One measurement; prints "Mpps Gbit/s frames cpu" (Gbit/s on the Ethernet
+# frame bytes; cpu: vsnoop's CPU time per frame in the window, in
+# microseconds, user + system over all its threads, "-" for DPDK). On a
+# shared machine the CPU time per frame is steadier than the rate: it does
+# not count the time vsnoop waited for a CPU.
 run_case() { # backend dir size
     local backend=$1 dir=$2 size=$3
     PID_V=""
@@ -205,16 +212,18 @@ run_case() { # backend dir size
         big=(--enable-scatter --max-pkt-len=9728)
         gen=(--mbuf-size=65535 --total-num-mbufs=2048 "--txpkts=$size")
     fi
-    local p0 p1 b0 b1 t0 t1
+    local p0 p1 b0 b1 t0 t1 c0=0 c1=0
     if [[ $dir == g2t ]]; then
         testpmd A 1 0 --vdev "$vu" -- --forward-mode=txonly --auto-start --stats-period 1 \
             --total-num-mbufs=32768 "$(txpkts_arg "$size")"
         wait_for 60 "backend ready" backend_ready "$backend"
         wait_for 60 "frames on the tap" tap_rx_over 1000
         sleep "$WARMUP"
+        [[ -n $PID_V ]] && c0=$(cpu_ticks "$PID_V")
         t0=$(now); p0=$(nsread "$TAP" rx_packets); b0=$(nsread "$TAP" rx_bytes)
         sleep "$DURATION"
         t1=$(now); p1=$(nsread "$TAP" rx_packets); b1=$(nsread "$TAP" rx_bytes)
+        [[ -n $PID_V ]] && c1=$(cpu_ticks "$PID_V")
     else
         testpmd A 1 0 --vdev "$vu" -- --forward-mode=rxonly --auto-start --stats-period 1 \
             --total-num-mbufs=32768 "${big[@]}"
@@ -229,11 +238,13 @@ run_case() { # backend dir size
         n0=$(grep -c "Port statistics" "$WORK/A.log" || true)
         wait_for 5 "stats tick" ticks_at_least $((n0 + 1))
         sleep 0.05
+        [[ -n $PID_V ]] && c0=$(cpu_ticks "$PID_V")
         t0=$(now); p0=$(pmd_counter "$WORK/A.log" RX packets); b0=$(pmd_counter "$WORK/A.log" RX bytes)
         n0=$(grep -c "Port statistics" "$WORK/A.log" || true)
         wait_for $((DURATION + 5)) "stats tick" ticks_at_least $((n0 + DURATION))
         sleep 0.05
         t1=$(now); p1=$(pmd_counter "$WORK/A.log" RX packets); b1=$(pmd_counter "$WORK/A.log" RX bytes)
+        [[ -n $PID_V ]] && c1=$(cpu_ticks "$PID_V")
         # the periodic stats are exact 1 s ticks: use the tick count as the window
         t1=$(awk -v a="$t0" -v d="$DURATION" 'BEGIN { printf "%.6f", a + d }')
     fi
@@ -248,7 +259,9 @@ run_case() { # backend dir size
     fi
     log "  $backend $dir $size: $((p1 - p0)) frames in window; $tapinfo ${extra}"
     awk -v p="$((p1 - p0))" -v b="$((b1 - b0))" -v t0="$t0" -v t1="$t1" \
-        'BEGIN { dt = t1 - t0; printf "%.4f %.4f %d\n", p / dt / 1e6, b * 8 / dt / 1e9, p }'
+        -v c="$((c1 - c0))" -v hz="$(getconf CLK_TCK)" -v v="${PID_V:-}" \
+        'BEGIN { dt = t1 - t0; printf "%.4f %.4f %d %s\n", p / dt / 1e6, b * 8 / dt / 1e9, p,
+                 (v != "" && p > 0) ? sprintf("%.3f", c / hz * 1e6 / p) : "-" }'
 }
 
 mkdir -p "$(dirname "$RESULTS")"
@@ -256,7 +269,7 @@ if [[ " $BACKENDS " == *" vsnoop-notiming "* && ! -x $VSNOOP_NOTIMING ]]; then
     log "building vsnoop without the timing feature into target/notiming"
     (cd "$ROOT" && cargo build --release --no-default-features --target-dir target/notiming) >&2
 fi
-declare -A MPPS GBPS RUNS FAILED
+declare -A MPPS GBPS RUNS FAILED CPUS CPU
 
 median() { tr ' ' '\n' | sed '/^$/d' | sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)] }'; }
 
@@ -287,9 +300,10 @@ for dir in $DIRS; do
                 set -e
                 ((rc == 130)) && exit 130
                 if ((rc == 0)); then
-                    read -r mpps gbps _ <"$WORK/result"
+                    read -r mpps gbps _ cpu <"$WORK/result"
                     RUNS[$key]+="$mpps/$gbps "
-                    log "  -> $mpps Mpps, $gbps Gbit/s"
+                    [[ $cpu != - ]] && CPUS[$key]+="$cpu "
+                    log "  -> $mpps Mpps, $gbps Gbit/s, CPU ${cpu} us/frame"
                 else
                     FAILED[$key]="failed"
                     keep="${RESULTS%.md}-logs/$backend-$dir-$size"
@@ -307,7 +321,8 @@ for dir in $DIRS; do
                 # the median round by packet rate, and that round's Gbit/s
                 MPPS[$key]=$(echo "${RUNS[$key]}" | tr ' ' '\n' | cut -d/ -f1 | tr '\n' ' ' | median)
                 GBPS[$key]=$(echo "${RUNS[$key]}" | tr ' ' '\n' | awk -F/ -v m="${MPPS[$key]}" '$1 == m { print $2; exit }')
-                log "$key rounds (Mpps/Gbit/s): ${RUNS[$key]}"
+                CPU[$key]=$(echo "${CPUS[$key]:-}" | median)
+                log "$key rounds (Mpps/Gbit/s): ${RUNS[$key]}; CPU us/frame: ${CPUS[$key]:-}"
             fi
         done
     done
@@ -316,20 +331,23 @@ done
 dirname_of() { [[ $1 == g2t ]] && echo "guest->TAP" || echo "TAP->guest"; }
 
 # overhead_table WITH WITHOUT TITLE: the packet rate with a feature (backend
-# WITH) over the rate without it (backend WITHOUT), when both were measured.
+# WITH) over the rate without it (backend WITHOUT), when both were measured;
+# and vsnoop's CPU time per frame (median round) without and with it.
 overhead_table() {
-    local with=$1 without=$2 title=$3 dir size w o ratio
+    local with=$1 without=$2 title=$3 dir size w o ratio cw co cratio
     [[ " $BACKENDS " == *" $with "* && " $BACKENDS " == *" $without "* ]] || return 0
     echo
     echo "$title:"
     echo
-    echo "| direction | frame (B) | $without Mpps | $with Mpps | with/without |"
-    echo "|---|---:|---:|---:|---:|"
+    echo "| direction | frame (B) | $without Mpps | $with Mpps | with/without | $without CPU us/frame | $with CPU us/frame | CPU without/with |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|"
     for dir in $DIRS; do
         for size in $SIZES; do
             w=${MPPS[$with,$dir,$size]:-n/m}; o=${MPPS[$without,$dir,$size]:-n/m}
             ratio=$(awk -v w="$w" -v o="$o" 'BEGIN { if (w + 0 > 0 && o + 0 > 0) printf "%.3f", w / o; else print "-" }')
-            echo "| $(dirname_of "$dir") | $size | $o | $w | $ratio |"
+            cw=${CPU[$with,$dir,$size]:-n/m}; co=${CPU[$without,$dir,$size]:-n/m}
+            cratio=$(awk -v w="$cw" -v o="$co" 'BEGIN { if (w + 0 > 0 && o + 0 > 0) printf "%.3f", o / w; else print "-" }')
+            echo "| $(dirname_of "$dir") | $size | $o | $w | $ratio | $co | $cw | $cratio |"
         done
     done
 }
@@ -349,7 +367,7 @@ overhead_table() {
     overhead_table vsnoop-capture vsnoop "Capture overhead (\`--capture FILE --capture-snaplen 128\`, both vantage points)"
     overhead_table vsnoop vsnoop-notiming "Timing overhead (default build, timestamps and attribution on, vs \`--no-default-features\`: compiled out)"
     echo
-    echo "Rounds (Mpps/Gbit/s):"
-    for key in "${!RUNS[@]}"; do echo "- $key: ${RUNS[$key]}"; done | sort
+    echo "Rounds (Mpps/Gbit/s; vsnoop's CPU us/frame):"
+    for key in "${!RUNS[@]}"; do echo "- $key: ${RUNS[$key]}${CPUS[$key]:+; CPU ${CPUS[$key]}}"; done | sort
 } | tee "$RESULTS"
 log "results written to $RESULTS"
