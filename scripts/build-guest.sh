@@ -251,7 +251,8 @@ fi
 # work (a VM sharing its core with its own load) while the network stack
 # still runs first.
 if [ "$BUSY" = 1 ]; then
-    nice -n 19 sh -c 'while :; do :; done' >/dev/null 2>&1 &
+    # busybox-static has no nice applet: the hog renices itself.
+    sh -c 'renice -n 19 -p $$ >/dev/null 2>&1; while :; do :; done' >/dev/null 2>&1 &
     say "busy loop started"
 fi
 
