@@ -1,0 +1,474 @@
+//! Cost of the ACK offload engine per packet (ns), without I/O or locking:
+//! the work the data path asks of `vsnoop::offload::AckOffload` for
+//! - a remote data segment: `remote_rx` (parse, flow lookup, rule checks,
+//!   custody copy of its 1448 payload bytes) and `remote_published`
+//!   (building the early ACK frame with its checksums), RxChecksum::Partial;
+//! - a guest pure ACK below E: `guest_tx` suppressing it (its right edge did
+//!   not move), or rewriting it (ack := E, window, TSecr, incremental
+//!   checksum update) because its right edge moved;
+//!
+//! with 1, 1k, 100k and 1M established flows in the table (each learned from
+//! a full handshake, IPv4 with MSS, window scale 7, SACK and timestamps).
+//! Data segments visit every flow in turn, so with many flows each lookup
+//! finds its flow cold in the cache; a guest ACK follows its flow's data,
+//! as on the wire. Untimed between batches, the guest acknowledges
+//! everything, so custody stays bounded.
+//!
+//! Run: `cargo bench --bench offload` (criterion's report per case, then a
+//! summary table of the median ns per packet over criterion's samples).
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{black_box, Criterion};
+use etherparse::{PacketBuilder, TcpOptionElement};
+use vsnoop::offload::flow::TxVerdict;
+use vsnoop::offload::wire::MAX_HEADERS;
+use vsnoop::offload::{AckOffload, OffloadConfig, OffloadCounters, RxChecksum};
+
+const MSS: usize = 1448;
+const REMOTE_ISN: u32 = 1_000;
+const GUEST_ISN: u32 = 50_000;
+const WS: u8 = 7;
+/// Packets per timed batch.
+const BATCH: usize = 256;
+const SIZES: [usize; 4] = [1, 1_000, 100_000, 1_000_000];
+
+// Offsets in the frames below (Ethernet, IPv4 without options, TCP).
+const IP_SRC: usize = 14 + 12;
+const IP_DST: usize = 14 + 16;
+const TCP: usize = 34;
+const SEQ: usize = TCP + 4;
+const ACK: usize = TCP + 8;
+const WIN: usize = TCP + 14;
+/// TSval and TSecr after NOP, NOP, kind, length.
+const TSVAL: usize = TCP + 24;
+const TSECR: usize = TCP + 28;
+/// Headers of a data segment with timestamps.
+const DATA_HDR: usize = TCP + 32;
+
+const GUEST_IP: [u8; 4] = [10, 0, 0, 2];
+const GUEST_PORT: u16 = 40_000;
+const REMOTE_PORT: u16 = 5201;
+
+/// The remote peer of flow `k` (flows differ by remote address).
+fn remote_ip(k: usize) -> [u8; 4] {
+    [10, 1 + (k >> 16) as u8, (k >> 8) as u8, k as u8]
+}
+
+fn put32(f: &mut [u8], at: usize, v: u32) {
+    f[at..at + 4].copy_from_slice(&v.to_be_bytes());
+}
+
+/// One TCP frame. `flags`: "S" SYN, "A" ACK, "P" PSH.
+fn frame(
+    from_guest: bool,
+    flags: &str,
+    seq: u32,
+    ack: u32,
+    window: u16,
+    options: &[TcpOptionElement],
+    payload: usize,
+) -> Vec<u8> {
+    let (src, dst, sport, dport) = if from_guest {
+        (GUEST_IP, remote_ip(0), GUEST_PORT, REMOTE_PORT)
+    } else {
+        (remote_ip(0), GUEST_IP, REMOTE_PORT, GUEST_PORT)
+    };
+    let mut t = PacketBuilder::ethernet2([2; 6], [4; 6])
+        .ipv4(src, dst, 64)
+        .tcp(sport, dport, seq, window);
+    if flags.contains('S') {
+        t = t.syn();
+    }
+    if flags.contains('A') {
+        t = t.ack(ack);
+    }
+    if flags.contains('P') {
+        t = t.psh();
+    }
+    let mut out = Vec::new();
+    t.options(options)
+        .unwrap()
+        .write(&mut out, &vec![0x5a; payload])
+        .unwrap();
+    out
+}
+
+fn ts(tsval: u32, tsecr: u32) -> [TcpOptionElement; 3] {
+    [
+        TcpOptionElement::Noop,
+        TcpOptionElement::Noop,
+        TcpOptionElement::Timestamp(tsval, tsecr),
+    ]
+}
+
+/// An engine with `n` established flows and the templates to drive them.
+struct Bench {
+    eng: AckOffload,
+    counters: Arc<OffloadCounters>,
+    n: usize,
+    /// Next remote sequence number of each flow (= what the guest acked).
+    rseq: Vec<u32>,
+    /// The guest's right edge last advertised, per flow.
+    redge: Vec<u32>,
+    /// Next flow a batch starts at.
+    cursor: usize,
+    now: u64,
+    tsval_r: u32,
+    tsval_g: u32,
+    /// Data segment headers as the data path passes them (a prefix).
+    data: Vec<[u8; MAX_HEADERS]>,
+    ack: Vec<u8>,
+    acks: Vec<Vec<u8>>,
+    payload: Vec<u8>,
+    out: Vec<u8>,
+}
+
+impl Bench {
+    fn new(n: usize) -> Bench {
+        let cfg = OffloadConfig {
+            max_flows: n + 16,
+            custody_budget: 1 << 30,
+            ..OffloadConfig::default()
+        };
+        let counters = Arc::new(OffloadCounters::default());
+        let mut eng = AckOffload::new(cfg, 1, counters.clone());
+        let syn_opts = |tsval| {
+            [
+                TcpOptionElement::MaximumSegmentSize(1460),
+                TcpOptionElement::SelectiveAcknowledgementPermitted,
+                TcpOptionElement::Timestamp(tsval, 0),
+                TcpOptionElement::Noop,
+                TcpOptionElement::WindowScale(WS),
+            ]
+        };
+        let syn = frame(false, "S", REMOTE_ISN, 0, 64_240, &syn_opts(1), 0);
+        let synack = frame(
+            true,
+            "SA",
+            GUEST_ISN,
+            REMOTE_ISN + 1,
+            65_160,
+            &syn_opts(1),
+            0,
+        );
+        let ack3 = frame(false, "A", REMOTE_ISN + 1, GUEST_ISN + 1, 502, &ts(2, 1), 0);
+        let open = frame(
+            true,
+            "A",
+            GUEST_ISN + 1,
+            REMOTE_ISN + 1,
+            u16::MAX,
+            &ts(2, 2),
+            0,
+        );
+        let mut scratch = Vec::new();
+        let mut none = |_: usize, _: &mut [u8]| 0;
+        let start = Instant::now();
+        for k in 0..n {
+            let ip = remote_ip(k);
+            let mut f = syn.clone();
+            f[IP_SRC..IP_SRC + 4].copy_from_slice(&ip);
+            eng.remote_rx(0, &f, f.len(), RxChecksum::Partial, &mut none, 1);
+            for (from_guest, t) in [(true, &synack), (false, &ack3), (true, &open)] {
+                scratch.clear();
+                scratch.extend_from_slice(t);
+                if from_guest {
+                    scratch[IP_DST..IP_DST + 4].copy_from_slice(&ip);
+                    eng.guest_tx(&mut scratch, t.len(), false, 2);
+                } else {
+                    scratch[IP_SRC..IP_SRC + 4].copy_from_slice(&ip);
+                    let len = scratch.len();
+                    eng.remote_rx(0, &scratch, len, RxChecksum::Partial, &mut none, 2);
+                }
+            }
+        }
+        let offloaded = counters
+            .flows_offloaded
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!((eng.flows(), offloaded), (n, n as u64), "handshakes");
+        eprintln!(
+            "offload bench: {n} flows established in {:.2?}, process RSS {}",
+            start.elapsed(),
+            rss()
+        );
+        let mut data_hdr = [0u8; MAX_HEADERS];
+        let d = frame(false, "AP", 0, GUEST_ISN + 1, 502, &ts(3, 2), MSS);
+        data_hdr.copy_from_slice(&d[..MAX_HEADERS]);
+        let ack = frame(true, "A", GUEST_ISN + 1, 0, u16::MAX, &ts(3, 3), 0);
+        let edge = REMOTE_ISN + 1 + (u32::from(u16::MAX) << WS);
+        Bench {
+            eng,
+            counters,
+            n,
+            rseq: vec![REMOTE_ISN + 1; n],
+            redge: vec![edge; n],
+            cursor: 0,
+            now: 10,
+            tsval_r: 3,
+            tsval_g: 3,
+            data: vec![data_hdr; BATCH],
+            ack,
+            acks: vec![Vec::new(); BATCH],
+            payload: vec![0x5a; MSS],
+            out: Vec::with_capacity(128),
+        }
+    }
+
+    /// The flows of the next batch of `b` packets.
+    fn flows(&mut self, b: usize) -> impl Iterator<Item = usize> {
+        let (start, n) = (self.cursor, self.n);
+        self.cursor = (self.cursor + b) % n;
+        (0..b).map(move |j| (start + j) % n)
+    }
+
+    /// Fills `self.data[j]` with flow `k`'s next segment.
+    fn prepare_data(&mut self, j: usize, k: usize) {
+        self.tsval_r = self.tsval_r.wrapping_add(1);
+        let h = &mut self.data[j];
+        h[IP_SRC..IP_SRC + 4].copy_from_slice(&remote_ip(k));
+        put32(h, SEQ, self.rseq[k]);
+        put32(h, TSVAL, self.tsval_r);
+        self.rseq[k] = self.rseq[k].wrapping_add(MSS as u32);
+    }
+
+    /// `remote_rx` + `remote_published` of `self.data[j]` (timed; not
+    /// inlined, so a profiler can tell it from the untimed calls).
+    #[inline(never)]
+    fn data(&mut self, j: usize) -> bool {
+        self.data_untimed(j)
+    }
+
+    fn data_untimed(&mut self, j: usize) -> bool {
+        self.now += 100;
+        let payload = &self.payload;
+        let mut copy = |off: usize, buf: &mut [u8]| {
+            let src = &payload[off - DATA_HDR..];
+            let n = buf.len().min(src.len());
+            buf[..n].copy_from_slice(&src[..n]);
+            n
+        };
+        let token = self.eng.remote_rx(
+            0,
+            &self.data[j],
+            DATA_HDR + MSS,
+            RxChecksum::Partial,
+            &mut copy,
+            self.now,
+        );
+        match token {
+            Some(t) => {
+                self.out.clear();
+                let sent = self.eng.remote_published(&t, &mut self.out);
+                black_box(&self.out);
+                sent
+            }
+            None => false,
+        }
+    }
+
+    /// A guest pure ACK of `ack` for flow `k` advertising `edge`, into `self.acks[j]`.
+    fn prepare_ack(&mut self, j: usize, k: usize, ack: u32, edge: u32) {
+        self.tsval_g = self.tsval_g.wrapping_add(1);
+        let a = &mut self.acks[j];
+        a.clear();
+        a.extend_from_slice(&self.ack);
+        a[IP_DST..IP_DST + 4].copy_from_slice(&remote_ip(k));
+        put32(a, ACK, ack);
+        let window = (edge.wrapping_sub(ack) >> WS).min(u32::from(u16::MAX)) as u16;
+        a[WIN..WIN + 2].copy_from_slice(&window.to_be_bytes());
+        put32(a, TSVAL, self.tsval_g);
+        put32(a, TSECR, self.tsval_r);
+    }
+
+    /// `guest_tx` of `self.acks[j]` (timed; not inlined).
+    #[inline(never)]
+    fn guest_ack(&mut self, j: usize) -> TxVerdict {
+        self.guest_ack_untimed(j)
+    }
+
+    fn guest_ack_untimed(&mut self, j: usize) -> TxVerdict {
+        self.now += 100;
+        let len = self.acks[j].len();
+        self.eng.guest_tx(&mut self.acks[j], len, false, self.now)
+    }
+
+    /// Untimed: the guest acknowledges everything on `flows` with a full
+    /// window (each passes: it is the first to reach E).
+    fn catch_up(&mut self, flows: &[usize]) {
+        for &k in flows {
+            let ack = self.rseq[k];
+            let edge = ack.wrapping_add(u32::from(u16::MAX) << WS);
+            self.redge[k] = edge;
+            self.prepare_ack(0, k, ack, edge);
+            let v = self.guest_ack_untimed(0);
+            assert_eq!(v, TxVerdict::Pass, "catch-up ACK");
+        }
+        assert!(self.eng.drained(), "every flow caught up");
+    }
+
+    /// Timed: `iters` data segments, visiting the flows in turn.
+    fn run_data(&mut self, iters: u64) -> Duration {
+        let mut total = Duration::ZERO;
+        let mut left = iters as usize;
+        let mut touched = Vec::with_capacity(BATCH);
+        while left > 0 {
+            let b = left.min(BATCH);
+            touched.clear();
+            touched.extend(self.flows(b));
+            for (j, &k) in touched.iter().enumerate() {
+                self.prepare_data(j, k);
+            }
+            let t0 = Instant::now();
+            let mut acked = 0;
+            for j in 0..b {
+                acked += usize::from(self.data(j));
+            }
+            total += t0.elapsed();
+            assert_eq!(acked, b, "every segment early-ACKed");
+            touched.dedup();
+            self.catch_up(&touched);
+            left -= b;
+        }
+        total
+    }
+
+    /// Timed: `iters` guest ACKs below E, each after two segments of its
+    /// flow; `grow`: the ACK moves the right edge (rewritten), else it
+    /// keeps it (suppressed).
+    fn run_acks(&mut self, iters: u64, grow: bool) -> Duration {
+        let mut total = Duration::ZERO;
+        let mut left = iters as usize;
+        let mut touched = Vec::with_capacity(BATCH);
+        let want = if grow {
+            TxVerdict::Rewritten
+        } else {
+            TxVerdict::Suppress
+        };
+        while left > 0 {
+            let b = left.min(BATCH);
+            touched.clear();
+            touched.extend(self.flows(b));
+            for (j, &k) in touched.iter().enumerate() {
+                self.prepare_data(0, k);
+                assert!(self.data_untimed(0));
+                let ack = self.rseq[k];
+                self.prepare_data(0, k);
+                assert!(self.data_untimed(0));
+                let edge = if grow {
+                    ack.wrapping_add(u32::from(u16::MAX) << WS)
+                } else {
+                    self.redge[k]
+                };
+                self.prepare_ack(j, k, ack, edge);
+            }
+            let t0 = Instant::now();
+            let mut right = 0;
+            for j in 0..b {
+                right += usize::from(self.guest_ack(j) == want);
+            }
+            total += t0.elapsed();
+            assert_eq!(right, b, "every ACK {want:?}");
+            touched.dedup();
+            self.catch_up(&touched);
+            left -= b;
+        }
+        total
+    }
+}
+
+/// The process's resident memory (Linux), for the memory the flows take.
+fn rss() -> String {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .map(|l| l["VmRSS:".len()..].trim().to_string())
+        })
+        .unwrap_or_else(|| "?".into())
+}
+
+thread_local! {
+    /// ns per packet of every sample, per (case, flows).
+    static SAMPLES: RefCell<BTreeMap<(usize, usize), Vec<f64>>> = RefCell::default();
+}
+
+const CASES: [&str; 3] = [
+    "remote data segment (rx + early ACK)",
+    "guest ACK below E, suppressed",
+    "guest ACK below E, rewritten",
+];
+
+fn record(case: usize, n: usize, iters: u64, d: Duration) -> Duration {
+    if iters > 0 {
+        let ns = d.as_nanos() as f64 / iters as f64;
+        SAMPLES.with(|s| s.borrow_mut().entry((case, n)).or_default().push(ns));
+    }
+    d
+}
+
+fn bench(c: &mut Criterion) {
+    for n in SIZES {
+        let mut b = Bench::new(n);
+        let mut group = c.benchmark_group(format!("offload, {n} flows"));
+        group.bench_function(CASES[0], |bn| {
+            bn.iter_custom(|iters| record(0, n, iters, b.run_data(iters)))
+        });
+        group.bench_function(CASES[1], |bn| {
+            bn.iter_custom(|iters| record(1, n, iters, b.run_acks(iters, false)))
+        });
+        group.bench_function(CASES[2], |bn| {
+            bn.iter_custom(|iters| record(2, n, iters, b.run_acks(iters, true)))
+        });
+        group.finish();
+        eprintln!(
+            "offload bench: {n} flows, custody held {} bytes, {} early ACKs so far, process RSS {}",
+            b.eng.custody_bytes(),
+            b.counters
+                .early_acks
+                .load(std::sync::atomic::Ordering::Relaxed),
+            rss()
+        );
+    }
+}
+
+fn summary() {
+    SAMPLES.with(|s| {
+        let s = s.borrow();
+        if s.is_empty() {
+            return;
+        }
+        println!();
+        println!("ACK offload, median ns per packet over criterion's samples:");
+        print!("{:<40}", "flows in the table");
+        for n in SIZES {
+            print!("{n:>11}");
+        }
+        println!();
+        for (case, name) in CASES.iter().enumerate() {
+            print!("{name:<40}");
+            for n in SIZES {
+                match s.get(&(case, n)) {
+                    Some(v) if !v.is_empty() => {
+                        let mut v = v.clone();
+                        v.sort_by(f64::total_cmp);
+                        print!("{:>11.1}", v[v.len() / 2]);
+                    }
+                    _ => print!("{:>11}", "-"),
+                }
+            }
+            println!();
+        }
+    });
+}
+
+fn main() {
+    let mut c = Criterion::default().configure_from_args();
+    bench(&mut c);
+    c.final_summary();
+    summary();
+}
