@@ -11,7 +11,10 @@ for target in $(cargo fuzz list); do
     echo "== fuzzing $target for ${seconds}s"
     log=$(mktemp)
     status=0
-    cargo fuzz run -O "$target" -- -max_total_time="$seconds" >"$log" 2>&1 || status=$?
+    # -s none: AddressSanitizer needs -Zsanitizer, which cargo-fuzz 0.13 cannot
+    # get past stable rustc even with RUSTC_BOOTSTRAP; the targets are safe
+    # Rust and check panics, overflows (-a) and their own invariants.
+    cargo fuzz run -O -a -s none "$target" -- -max_total_time="$seconds" >"$log" 2>&1 || status=$?
     grep -E "^Done" "$log" || true
     if [ "$status" != 0 ]; then
         tail -n 60 "$log"

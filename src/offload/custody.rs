@@ -39,7 +39,9 @@ impl Custody {
 
     /// Empties the custody and restarts it at `seq`.
     pub fn reset(&mut self, seq: u32) {
-        self.buf.clear();
+        // Give the memory back: the budget counts bytes held, and a million
+        // idle flows must not keep a window's worth of capacity each.
+        self.buf = Vec::new();
         self.head = 0;
         self.start = seq;
         self.incomplete = false;

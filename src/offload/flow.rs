@@ -533,9 +533,10 @@ impl Flow {
         if seq_lt(self.gack, ack) {
             self.gack = ack;
             self.custody.trim(ack);
-            if seq_lt(self.d, ack) {
-                // The guest holds data we never saw in order (it had it
-                // out of order): everything below its ACK is in the guest.
+            if seq_le(self.d, ack) {
+                // The guest holds everything we delivered (and possibly data
+                // it had out of order): nothing is owed to custody any more,
+                // and a copy that had a gap is whole again (empty).
                 self.d = ack;
                 self.custody.reset(ack);
             }
@@ -592,7 +593,8 @@ impl Flow {
         let ack = seg.ack;
         let mut edited = false;
         let below_e = seq_lt(ack, self.e);
-        if seq_lt(self.e, ack) {
+        let raises_e = seq_lt(self.e, ack);
+        if raises_e {
             // The guest acknowledges beyond anything we said: it sets E.
             self.e = ack;
             self.reached_e = true;
@@ -610,7 +612,9 @@ impl Flow {
         let ece_new = seg.has(flags::ECE);
         let grows = seq_lt(self.edge_sent, self.gedge);
         let nothing_new = seg.is_pure_ack() && !sack_kept && !ece_new && !grows;
-        if nothing_new && (below_e || (ack == self.e && (self.reached_e && sack_removed))) {
+        // An ACK that raises E is news to the sender, whatever SACK it carried.
+        let stale_dup = !raises_e && ack == self.e && self.reached_e && sack_removed;
+        if nothing_new && (below_e || stale_dup) {
             return TxVerdict::Suppress;
         }
         if ack == self.e && seg.is_pure_ack() {

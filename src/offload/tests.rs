@@ -939,3 +939,44 @@ fn timestamps_off_wscale_off_and_ipv6_work() {
         assert_eq!(a.version == wire::IpVersion::V6, conn.ipv6);
     }
 }
+
+#[test]
+fn an_ack_that_raises_e_is_never_suppressed_even_with_a_dsack() {
+    let mut h = Harness::new(Conn::default());
+    h.handshake();
+    h.eng.set_draining(true);
+    let start = h.rseq;
+    assert!(h.data(1448).is_none());
+    // The guest acknowledges the data (E was not moved by us while
+    // draining), with a D-SACK of a duplicate it received.
+    let ts = h.ts_g();
+    let (v, f) = h.tx(Seg {
+        seq: GUEST_ISN + 1,
+        ack: start + 1448,
+        flags: flags::ACK,
+        window: 1000,
+        ts,
+        sack: vec![(start, start + 1448)],
+        ..Seg::default()
+    });
+    assert_ne!(v, TxVerdict::Suppress);
+    assert_eq!(parse(&f).ack, start + 1448);
+}
+
+#[test]
+fn a_flow_over_its_custody_budget_comes_back_once_the_guest_caught_up() {
+    let mut h = Harness::with(
+        Conn::default(),
+        OffloadConfig {
+            custody_budget: 1000,
+            ..OffloadConfig::default()
+        },
+    );
+    h.handshake();
+    assert!(h.data(1448).is_none());
+    assert_eq!(h.mode(), Mode::Offline(OfflineReason::CustodyBudget));
+    let ts = h.ts_g();
+    h.guest_ack(h.rseq, 1000, ts);
+    assert_eq!(h.mode(), Mode::Active);
+    assert!(h.data(100).is_some());
+}
