@@ -368,6 +368,24 @@ impl VhostUserBackend for NetBackend {
             return Ok(());
         };
         let mut pair = self.pair(thread_id);
+        if event == DeviceEvent::Timer {
+            // The timer ticks for every worker, also for queue pairs the
+            // driver never started: it must not adopt rings or attach the
+            // pair's tap queue (frames steered to an unread queue are lost).
+            if let Err(e) = self.shared.timers[thread_id]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .wait()
+            {
+                debug!("worker timer: {e}");
+            }
+            let running = pair.vrings.is_some() && pair.vrings_generation == self.generation;
+            if running && pair.offload_tick() {
+                let mem_generation = self.shared.mem_generation.load(Ordering::Acquire);
+                pair.process_rx(&mem, mem_generation);
+            }
+            return Ok(());
+        }
         if pair.vrings.is_none() || pair.vrings_generation != self.generation {
             let [rx, tx] = vrings else {
                 return Ok(());
@@ -392,18 +410,7 @@ impl VhostUserBackend for NetBackend {
             DeviceEvent::RxRing | DeviceEvent::Tap => {
                 pair.process_rx(&mem, mem_generation);
             }
-            DeviceEvent::Timer => {
-                if let Err(e) = self.shared.timers[thread_id]
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .wait()
-                {
-                    debug!("worker timer: {e}");
-                }
-                if pair.offload_tick() {
-                    pair.process_rx(&mem, mem_generation);
-                }
-            }
+            DeviceEvent::Timer => {}
         }
         Ok(())
     }
