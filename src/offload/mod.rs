@@ -21,6 +21,7 @@ pub mod wire;
 #[cfg(test)]
 mod tests;
 
+use std::collections::hash_map::Entry;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -337,41 +338,28 @@ impl AckOffload {
             .store(self.custody_bytes as u64, Ordering::Relaxed);
     }
 
-    /// Learns a new flow from `seg` if it opens one; `None` if not tracked.
-    fn admit(
-        &mut self,
+    /// The flow `key`, learned from `seg` if it is new: one hash lookup on
+    /// the per-packet path. `None` if the flow is not (and will not be) tracked.
+    fn flow_for<'a>(
+        flows: &'a mut AHashMap<FlowKey, Flow>,
+        cfg: &OffloadConfig,
+        counters: &OffloadCounters,
         headers: &[u8],
         seg: &TcpSegment,
         from_guest: bool,
         now: u64,
-    ) -> Option<FlowKey> {
-        if !self.cfg.enabled {
-            return None;
-        }
-        let key = FlowKey::of(seg, from_guest);
-        let syn_only = seg.has(flags::SYN) && !seg.has(flags::ACK);
-        if self.flows.len() >= self.cfg.max_flows {
-            if syn_only {
-                self.counters.passthrough(PassReason::TableFull);
+    ) -> Option<&'a mut Flow> {
+        let tracked = flows.len();
+        match flows.entry(FlowKey::of(seg, from_guest)) {
+            Entry::Occupied(o) => Some(o.into_mut()),
+            Entry::Vacant(v) => {
+                let flow = new_flow(cfg, counters, tracked, headers, seg, from_guest, now)?;
+                counters
+                    .flows_tracked
+                    .store(tracked as u64 + 1, Ordering::Relaxed);
+                Some(v.insert(flow))
             }
-            return None;
         }
-        let flow = if syn_only {
-            let f = Flow::from_syn(headers, seg, from_guest, now);
-            if let Mode::PassThrough(r) = f.mode {
-                self.counters.passthrough(r);
-            }
-            f
-        } else if seg.has(flags::RST) {
-            return None;
-        } else {
-            // Seen mid-stream (rule 1): remembered so it is counted once.
-            self.counters.passthrough(PassReason::MidStream);
-            Flow::pass_through(seg, from_guest, PassReason::MidStream, now)
-        };
-        self.flows.insert(key, flow);
-        self.publish_gauges();
-        Some(key)
     }
 
     fn forget(&mut self, key: &FlowKey) {
@@ -410,11 +398,16 @@ impl AckOffload {
             return TxVerdict::Pass;
         };
         let key = FlowKey::of(&seg, true);
-        if !self.flows.contains_key(&key) && self.admit(headers, &seg, true, now).is_none() {
-            return TxVerdict::Pass;
-        }
         let limits = self.limits();
-        let Some(flow) = self.flows.get_mut(&key) else {
+        let Some(flow) = Self::flow_for(
+            &mut self.flows,
+            &self.cfg,
+            &self.counters,
+            headers,
+            &seg,
+            true,
+            now,
+        ) else {
             return TxVerdict::Pass;
         };
         if flow.inert() {
@@ -478,10 +471,15 @@ impl AckOffload {
     ) -> Option<(FlowKey, u32)> {
         let seg = wire::parse(headers, frame_len)?;
         let key = FlowKey::of(&seg, false);
-        if !self.flows.contains_key(&key) {
-            self.admit(headers, &seg, false, now)?;
-        }
-        let flow = self.flows.get_mut(&key)?;
+        let flow = Self::flow_for(
+            &mut self.flows,
+            &self.cfg,
+            &self.counters,
+            headers,
+            &seg,
+            false,
+            now,
+        )?;
         if flow.inert() {
             flow.last_seen = now;
             if seg.has(flags::RST) {
@@ -718,6 +716,47 @@ impl AckOffload {
     /// The mode of a flow (tests and diagnostics).
     pub fn mode_of(&self, key: &FlowKey) -> Option<Mode> {
         self.flows.get(key).map(|f| f.mode)
+    }
+}
+
+/// A flow opened by `seg`, or a pass-through record for one first seen
+/// mid-stream (rule 1, counted once); `None` when nothing is to be tracked:
+/// the offload is off, the table is full (rule 14), or `seg` is a RST.
+fn new_flow(
+    cfg: &OffloadConfig,
+    counters: &OffloadCounters,
+    tracked: usize,
+    headers: &[u8],
+    seg: &TcpSegment,
+    from_guest: bool,
+    now: u64,
+) -> Option<Flow> {
+    if !cfg.enabled {
+        return None;
+    }
+    let syn_only = seg.has(flags::SYN) && !seg.has(flags::ACK);
+    if tracked >= cfg.max_flows {
+        if syn_only {
+            counters.passthrough(PassReason::TableFull);
+        }
+        return None;
+    }
+    if syn_only {
+        let f = Flow::from_syn(headers, seg, from_guest, now);
+        if let Mode::PassThrough(r) = f.mode {
+            counters.passthrough(r);
+        }
+        Some(f)
+    } else if seg.has(flags::RST) {
+        None
+    } else {
+        counters.passthrough(PassReason::MidStream);
+        Some(Flow::pass_through(
+            seg,
+            from_guest,
+            PassReason::MidStream,
+            now,
+        ))
     }
 }
 
