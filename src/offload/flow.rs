@@ -290,12 +290,32 @@ pub struct Flow {
     pub custody: Custody,
     /// Duplicate ACKs below E since the last re-delivery.
     pub dupacks: u32,
-    /// Re-deliveries since the guest last made progress.
+    /// Re-deliveries since the guest last made progress (the timer's backoff).
     pub redeliveries: u32,
-    /// Time of the last progress or re-delivery (ns).
+    /// Re-deliveries since the last progress that count toward the reset:
+    /// those after which the guest was seen running, or made at the longest
+    /// backoff. A guest that is merely descheduled is not failing.
+    pub failed_redeliveries: u32,
+    /// Time of the last progress or re-delivery, or of the first byte owed
+    /// since the guest last caught up with E (ns).
     pub last_progress: u64,
+    /// Last packet from the guest on this flow (ns): it is running.
+    pub last_guest: u64,
     /// Last packet in either direction (ns), for ageing.
     pub last_seen: u64,
+}
+
+/// RFC 2883: the first SACK block is a D-SACK if it lies below the
+/// cumulative ACK or inside the second block.
+fn is_dsack(headers: &[u8], seg: &TcpSegment) -> bool {
+    let mut blocks = wire::sack_blocks(headers, seg);
+    let Some((left, right)) = blocks.next() else {
+        return false;
+    };
+    seq_lt(left, seg.ack)
+        || blocks
+            .next()
+            .is_some_and(|(l2, r2)| seq_le(l2, left) && seq_le(right, r2))
 }
 
 /// Bytes covered by a window field under shift `ws`.
@@ -346,7 +366,9 @@ impl Flow {
             custody: Custody::default(),
             dupacks: 0,
             redeliveries: 0,
+            failed_redeliveries: 0,
             last_progress: now,
+            last_guest: now,
             last_seen: now,
         }
     }
@@ -494,6 +516,7 @@ impl Flow {
     ) -> (TxVerdict, TxEffects) {
         let mut fx = TxEffects::default();
         self.last_seen = now;
+        self.last_guest = now;
         if seg.has(flags::RST) {
             fx.closed = true;
             return (TxVerdict::Pass, fx);
@@ -556,12 +579,15 @@ impl Flow {
         self.gedge = edge;
 
         let owed_before = seq_lt(prev_gack, self.e);
-        let mut sack_seen = false;
-        let dup = seg.is_pure_ack() && ack == prev_gack && owed_before;
-        if owed_before && seg.options.sack_at != 0 {
-            sack_seen = true;
-        }
-        if dup || sack_seen {
+        // A D-SACK (RFC 2883) reports a duplicate, typically our own
+        // re-delivery: nothing is missing, and counting it would re-deliver
+        // again, which makes another D-SACK. A SACK block above the
+        // cumulative ACK reports a hole below it.
+        let dsack = is_dsack(headers, seg);
+        let dup = seg.is_pure_ack() && ack == prev_gack && owed_before && !dsack;
+        let hole_reported =
+            owed_before && wire::sack_blocks(headers, seg).any(|(left, _)| seq_lt(ack, left));
+        if dup || hole_reported {
             self.dupacks += 1;
             fx.missing = true;
         }

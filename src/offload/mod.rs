@@ -78,7 +78,9 @@ pub struct OffloadConfig {
     pub max_flows: usize,
     /// Re-deliver when the guest has not advanced its ACK for this long (ns).
     pub redeliver_after_ns: u64,
-    /// Give up (RST both ends) after this many re-deliveries without progress.
+    /// Give up (RST both ends) after this many failed re-deliveries: the
+    /// guest ran after them without catching up, or they were made at the
+    /// longest backoff.
     pub max_redeliveries: u32,
     /// Most bytes re-delivered per attempt.
     pub redeliver_burst: usize,
@@ -272,6 +274,9 @@ const IDLE_SHORT_NS: u64 = 10_000_000_000;
 const SWEEP_NS: u64 = 1_000_000_000;
 /// Frames waiting for one queue's RX ring before new ones are refused.
 const OUTBOX_LIMIT: usize = 1024;
+/// The re-delivery timeout doubles per attempt up to `2^6` times its base
+/// (200 ms -> 12.8 s).
+const MAX_BACKOFF_SHIFT: u32 = 6;
 
 impl AckOffload {
     /// An engine for `queue_pairs` queue pairs.
@@ -423,6 +428,7 @@ impl AckOffload {
         let owes = flow.owes();
         if fx.progress {
             flow.redeliveries = 0;
+            flow.failed_redeliveries = 0;
             flow.last_progress = now;
         }
         let missing = fx.missing && flow.dupacks >= 2;
@@ -486,6 +492,11 @@ impl AckOffload {
                 self.forget(&key);
             }
             return None;
+        }
+        if !flow.owes() {
+            // The custody timeout runs from the first byte owed, not from
+            // the guest's last progress long ago (or the handshake).
+            flow.last_progress = now;
         }
         let fx = flow.on_remote(headers, &seg, queue, now);
         let established = fx.established;
@@ -593,7 +604,15 @@ impl AckOffload {
             return;
         }
         f.dupacks = 0;
-        if f.redeliveries >= max {
+        // The previous attempt failed if the guest ran since (it sent on this
+        // flow) without catching up, or if we already wait the longest
+        // backoff. A descheduled guest is not failing: it has not looked yet.
+        if f.redeliveries > 0
+            && (f.last_guest > f.last_progress || f.redeliveries >= MAX_BACKOFF_SHIFT)
+        {
+            f.failed_redeliveries += 1;
+        }
+        if f.failed_redeliveries >= max {
             let mut rst = Vec::new();
             let mut to_guest = Vec::new();
             f.resets(&mut rst, &mut to_guest);
@@ -635,7 +654,7 @@ impl AckOffload {
             .iter()
             .filter(|k| {
                 self.flows.get(k).is_some_and(|f| {
-                    let wait = self.cfg.redeliver_after_ns << f.redeliveries.min(6);
+                    let wait = self.cfg.redeliver_after_ns << f.redeliveries.min(MAX_BACKOFF_SHIFT);
                     now.saturating_sub(f.last_progress) >= wait
                 })
             })

@@ -543,13 +543,24 @@ fn rule_5_a_silent_guest_gets_redeliveries_then_both_ends_are_reset() {
     assert!(h.data(800).is_some());
     let mut frames = Vec::new();
     let mut t = h.now;
-    for _ in 0..60 {
+    // Backoff 0.2 s .. 12.8 s; a silent guest only fails the attempts made at
+    // the longest backoff: six of them, then the reset (about 90 s in all).
+    let mut reset_at = None;
+    for _ in 0..100 {
         t += 1_500_000_000;
         h.eng.tick(t);
+        if reset_at.is_none() && h.stats().resets > 0 {
+            reset_at = Some(t - h.now);
+        }
     }
     let s = h.stats();
-    assert!(s.redeliveries >= 3, "{s:?}");
+    assert!(s.redeliveries >= 10, "{s:?}");
     assert_eq!(s.resets, 1);
+    let reset_at = reset_at.unwrap();
+    assert!(
+        (60_000_000_000..120_000_000_000).contains(&reset_at),
+        "{reset_at}"
+    );
     assert_eq!(h.eng.flows(), 0);
     assert_eq!(h.eng.custody_bytes(), 0);
     let mut host = Vec::new();
@@ -563,6 +574,78 @@ fn rule_5_a_silent_guest_gets_redeliveries_then_both_ends_are_reset() {
     assert!(to_guest
         .iter()
         .any(|s| s.has(flags::RST) && s.dport == 5000));
+}
+
+#[test]
+fn rule_5_a_descheduled_guest_that_catches_up_is_never_reset() {
+    let mut h = Harness::new(Conn::default());
+    h.handshake();
+    assert!(h.data(800).is_some());
+    // Descheduled for 30 s: re-deliveries with backoff, none counted as failed.
+    let mut t = h.now;
+    for _ in 0..300 {
+        t += 100_000_000;
+        h.eng.tick(t);
+    }
+    let s = h.stats();
+    assert!(s.redeliveries >= 3, "{s:?}");
+    assert_eq!(s.resets, 0);
+    // It runs again and acknowledges everything, duplicates D-SACKed.
+    h.now = t;
+    let ts = h.ts_g();
+    assert_eq!(h.guest_ack(h.rseq, 1000, ts).0, TxVerdict::Pass);
+    assert_eq!(h.eng.custody_bytes(), 0);
+    assert_eq!(h.mode(), Mode::Active);
+    assert!(h.data(800).is_some());
+}
+
+#[test]
+fn rule_5_the_custody_timeout_runs_from_the_first_byte_owed() {
+    let mut h = Harness::new(Conn::default());
+    h.handshake();
+    // The connection idles for a second after the handshake.
+    h.now += 1_000_000_000;
+    h.eng.tick(h.now);
+    assert!(h.data(800).is_some());
+    // 100 ms later the guest has not answered yet: not a timeout.
+    h.eng.tick(h.now + 100_000_000);
+    assert_eq!(h.stats().redeliveries, 0);
+    h.eng.tick(h.now + 250_000_000);
+    assert_eq!(h.stats().redeliveries, 1);
+}
+
+#[test]
+fn rule_5_a_dsack_of_our_redelivery_does_not_trigger_another() {
+    let mut h = Harness::new(Conn::default());
+    h.handshake();
+    let start = h.rseq;
+    assert!(h.data(1000).is_some());
+    assert!(h.data(1000).is_some());
+    // Timeout: the custody is re-delivered while the guest still held it.
+    h.eng.tick(h.now + 300_000_000);
+    let mut frames = Vec::new();
+    h.eng.take_guest_frames(0, &mut frames);
+    assert!(!frames.is_empty());
+    assert_eq!(h.stats().redeliveries, 1);
+    // The guest acknowledged the first 1000 bytes, then D-SACKs the
+    // duplicates it got, twice, without moving its ACK further yet.
+    let ts = h.ts_g();
+    h.guest_ack(start + 1000, 1000, ts);
+    for _ in 0..3 {
+        let ts = h.ts_g();
+        let (v, _) = h.tx(Seg {
+            seq: GUEST_ISN + 1,
+            ack: start + 1000,
+            flags: flags::ACK,
+            window: 1000,
+            ts,
+            sack: vec![(start, start + 1000)],
+            ..Seg::default()
+        });
+        assert_eq!(v, TxVerdict::Suppress);
+    }
+    h.eng.take_guest_frames(0, &mut frames);
+    assert_eq!(h.stats().redeliveries, 1, "a D-SACK is not a hole");
 }
 
 #[test]
