@@ -16,6 +16,19 @@
 #                              five-VMs-per-core equivalent
 #                   stopR/S    QEMU stopped and continued (SIGSTOP/SIGCONT):
 #                              R ms running, S ms stopped (stop10/20)
+#                   rrS/N      a VM sharing a core with N busy VMs, as under
+#                              Xen's credit scheduler: QEMU's vCPU thread and N
+#                              busy loops on one CPU (RR_CPU), all SCHED_RR
+#                              with an S ms time slice (rr30/2 = the paper's
+#                              receiver beside two busy VMs). A guest that
+#                              idles gives up the CPU and, when a packet wakes
+#                              it, waits behind the busy loops' slices: one
+#                              wait per guest turnaround, which is what early
+#                              ACKs remove. vsnoop, the sender and QEMU's
+#                              other threads (its main loop injects the
+#                              interrupts, like a hypervisor) are pinned to
+#                              the other CPUs. RT throttling
+#                              (sched_rt_runtime_us, 95 %) stays on.
 #
 # vsnoop (the driver domain), the sender and this script stay outside every
 # throttle. With the vanilla configuration QEMU's tap backend is part of QEMU,
@@ -85,10 +98,15 @@
 #   BUSY_STOP     [0]    guest busy loop in stop rows
 #   PIN_QEMU      [""]   CPU list for QEMU (taskset -a), e.g. 1
 #   PIN_HOST      [""]   CPU list for vsnoop, the sender and iperf3, e.g. 0
+#   RR_CPU        [last CPU] the CPU rr rows share between QEMU and the busy loops
 #   GUEST_SYSCTL  [""]   space-separated KEY=VALUE sysctls for the guest (kernel
 #                        cmdline vsnoop.sysctl=K=V,K=V; ':' stands for a space in a
 #                        value), e.g. "net.ipv4.tcp_rmem=4096:1048576:4194304"
 #   SINK_ARGS     [""]   extra tcpsink options (vsnoop.sinkargs), e.g. "-c 1048576"
+#   DIGEST        [f64]  what the sink computes over the bytes and the sender checks:
+#                        f64 (tcpsink -k f64, a Fletcher-style sum, cheap under TCG)
+#                        or sha256 (costs the TCG guest ~50 ms of CPU per MB, which
+#                        then bounds every transfer, offload or not)
 #   CONNECT_PAUSE_MS [0] pause between connect() and the first byte (untimed), so
 #                        the guest's accept() and per-connection fork are done
 #   START_JITTER_MS [30] random untimed wait (uniform 0..J ms) before each connect,
@@ -129,8 +147,13 @@ BUSY_CG=${BUSY_CG:-1}
 BUSY_STOP=${BUSY_STOP:-0}
 PIN_QEMU=${PIN_QEMU:-}
 PIN_HOST=${PIN_HOST:-}
+RR_CPU=${RR_CPU:-$(($(nproc) - 1))}
+RR_SLICE_SAVED=$(cat /proc/sys/kernel/sched_rr_timeslice_ms)
+RR_HOGS=""
+ROW_PIN=""
 GUEST_SYSCTL=${GUEST_SYSCTL:-}
 SINK_ARGS=${SINK_ARGS:-}
+DIGEST=${DIGEST:-f64}
 CONNECT_PAUSE_MS=${CONNECT_PAUSE_MS:-0}
 START_JITTER_MS=${START_JITTER_MS:-30}
 GUEST_APPEND=${GUEST_APPEND:-}
@@ -182,6 +205,8 @@ stop_all() {
         for pid in $(tac "$PIDFILE"); do stop_pid "$pid"; done
     fi
     : >"$PIDFILE"
+    RR_HOGS=""
+    echo "$RR_SLICE_SAVED" >/proc/sys/kernel/sched_rr_timeslice_ms 2>/dev/null || true
     ip netns del "$NS" 2>/dev/null || true
     if [[ -d $CGROUP ]]; then
         for i in $(seq 50); do rmdir "$CGROUP" 2>/dev/null && break; sleep 0.1; done
@@ -204,8 +229,12 @@ for c in $CONFIGS; do
     case $c in vanilla | off | on) ;; *) die "unknown configuration '$c' (vanilla, off, on)" ;; esac
 done
 for c in $CONTENTIONS; do
-    [[ $c == none || $c =~ ^cg[0-9]+/[0-9]+$ || $c =~ ^stop[0-9]+/[0-9]+$ ]] \
-        || die "unknown contention '$c' (none, cgP/Q, stopR/S; milliseconds)"
+    [[ $c == none || $c =~ ^(cg|stop|rr)[0-9]+/[0-9]+$ ]] \
+        || die "unknown contention '$c' (none, cgP/Q, stopR/S, rrS/N; milliseconds)"
+    if [[ $c == rr* ]]; then
+        (($(nproc) > 1)) || die "$c needs two CPUs (one shared by QEMU and the busy loops)"
+        command -v chrt >/dev/null || die "$c needs chrt (util-linux)"
+    fi
     if [[ $c == cg* && ! -d /sys/fs/cgroup/cpu ]]; then
         die "$c needs the cgroup-v1 cpu controller at /sys/fs/cgroup/cpu"
     fi
@@ -233,6 +262,7 @@ standin)
     # Development aid only: a second (concatenated) initramfs archive with a
     # busybox-shell sink and an rdinit that starts it, then runs the real /init.
     log "TCPSINK=standin: using a busybox-shell stand-in sink, NOT the guest's tcpsink"
+    [[ $DIGEST == sha256 ]] || die "TCPSINK=standin answers SHA-256 only: set DIGEST=sha256"
     mkdir -p "$WORK/overlay/bin"
     cat >"$WORK/overlay/bin/tcpsink-standin" <<'SH'
 #!/bin/sh
@@ -284,6 +314,7 @@ p.add_argument("--wait", type=float, default=120, help="seconds to wait for the 
 p.add_argument("--pause-ms", type=float, default=0, help="pause between connect and the first byte")
 p.add_argument("--jitter-ms", type=float, default=0, help="random wait (0..J ms) before each connect")
 p.add_argument("--seed", type=int, default=1)
+p.add_argument("--digest", choices=["sha256", "f64"], default="sha256", help="what tcpsink answers")
 a = p.parse_args()
 rng = random.Random(a.seed)
 
@@ -321,9 +352,20 @@ def transfer(buf, size, digest, timeout):
         return t1 - t0, "bad-hash"
     return t1 - t0, "ok"
 
+def f64(data):
+    """tcpsink's -k f64 digest: Fletcher-style sums over little-endian 64-bit words."""
+    d = data + b"\0" * ((-len(data)) % 8)
+    a = b = 0
+    m = (1 << 64) - 1
+    for w in struct.unpack(f"<{len(d) // 8}Q", d):
+        a = (a + w) & m
+        b = (b + a) & m
+    return "f64:%016x" % (a ^ (((b << 32) | (b >> 32)) & m))
+
 def payload(size):
     data = os.urandom(size)
-    return struct.pack(">Q", size) + data, hashlib.sha256(data).hexdigest()
+    digest = f64(data) if a.digest == "f64" else hashlib.sha256(data).hexdigest()
+    return struct.pack(">Q", size) + data, digest
 
 # Wait for the sink: retry until a 1-byte transfer succeeds.
 deadline = time.monotonic() + a.wait
@@ -449,8 +491,8 @@ guest_ready() {
 # Children never keep the guest lock (fd 9) open. Background processes are
 # started directly (never through a shell function), so $! is their own PID.
 host() { # runs a host-side tool in the namespace (foreground), pinned if PIN_HOST is set
-    if [[ -n $PIN_HOST ]]; then
-        ip netns exec "$NS" taskset -c "$PIN_HOST" "$@" 9>&-
+    if [[ -n $ROW_PIN ]]; then
+        ip netns exec "$NS" taskset -c "$ROW_PIN" "$@" 9>&-
     else
         ip netns exec "$NS" "$@" 9>&-
     fi
@@ -466,7 +508,9 @@ start_row() { # config contention
     wants_busy "$contention" && append+=" vsnoop.busy=1"
     local s
     [[ -n $GUEST_SYSCTL ]] && append+=" vsnoop.sysctl=$(tr -s ' ' ',' <<<"${GUEST_SYSCTL# }")"
-    [[ -n $SINK_ARGS ]] && append+=" vsnoop.sinkargs=$(tr -s ' ' ',' <<<"${SINK_ARGS# }")"
+    local sink_args="$SINK_ARGS"
+    [[ $DIGEST == f64 ]] && sink_args+=" -k f64"
+    [[ -n ${sink_args// /} ]] && append+=" vsnoop.sinkargs=$(tr -s ' ' ',' <<<"${sink_args# }")"
     append+=" $GUEST_APPEND"
     ip netns add "$NS"
     ip netns exec "$NS" ip link set lo up
@@ -481,7 +525,7 @@ start_row() { # config contention
         rm -f "$WORK/vhost.sock" "$WORK/control.sock"
         : >"$WORK/vsnoop.log"
         local hpin=()
-        [[ -n $PIN_HOST ]] && hpin=(taskset -c "$PIN_HOST")
+        [[ -n $ROW_PIN ]] && hpin=(taskset -c "$ROW_PIN")
         # shellcheck disable=SC2086
         ip netns exec "$NS" "${hpin[@]}" env RUST_LOG=${RUST_LOG:-info} "$VSNOOP" \
             --socket "$WORK/vhost.sock" --tap "$TAP" --control "$WORK/control.sock" \
@@ -499,7 +543,7 @@ start_row() { # config contention
     : >"$WORK/console.log"
     local pin=()
     [[ -n $PIN_QEMU ]] && pin=(taskset -c "$PIN_QEMU")
-    ip netns exec "$NS" "${pin[@]}" qemu-system-x86_64 -accel tcg -nodefaults -display none -no-reboot \
+    ip netns exec "$NS" "${pin[@]}" qemu-system-x86_64 -accel tcg -name vsnoop-bench,debug-threads=on -nodefaults -display none -no-reboot \
         -smp 1 -m 256M -object memory-backend-memfd,id=mem,size=256M,share=on -numa node,memdev=mem \
         -kernel "$GUEST/vmlinuz" -initrd "$INITRD" -append "$append" \
         -serial "file:$WORK/console.log" "${netdev[@]}" \
@@ -528,16 +572,46 @@ apply_contention() { # contention
         local run=${c#stop} stop
         stop=${run#*/} run=${run%/*}
         local pin=()
-        [[ -n $PIN_HOST ]] && pin=(taskset -c "$PIN_HOST")
+        [[ -n $ROW_PIN ]] && pin=(taskset -c "$ROW_PIN")
         "${pin[@]}" "$PYTHON" "$WORK/stopper.py" "$QEMU_PID" "$run" "$stop" 2>"$WORK/stopper.log" 9>&- &
         STOPPER_PID=$!
         echo "$STOPPER_PID" >>"$PIDFILE"
+        ;;
+    rr*)
+        local slice=${c#rr} hogs i
+        hogs=${slice#*/} slice=${slice%/*}
+        echo "$slice" >/proc/sys/kernel/sched_rr_timeslice_ms
+        # The VM is its vCPU thread(s); QEMU's other threads (main loop: device
+        # emulation, interrupt injection) play the hypervisor and stay outside.
+        local vcpus=0
+        for tid in /proc/"$QEMU_PID"/task/*; do
+            if [[ $(cat "$tid/comm") == "CPU "*/* ]]; then
+                taskset -p -c "$RR_CPU" "${tid##*/}" >/dev/null
+                chrt -r -p 1 "${tid##*/}"
+                vcpus=$((vcpus + 1))
+            else
+                taskset -p -c "$ROW_PIN" "${tid##*/}" >/dev/null
+            fi
+        done
+        ((vcpus > 0)) || die "no vCPU thread (comm 'CPU n/...') in QEMU $QEMU_PID"
+        for ((i = 0; i < hogs; i++)); do
+            taskset -c "$RR_CPU" chrt -r 1 bash -c 'while :; do :; done' 9>&- &
+            echo "$!" >>"$PIDFILE"
+            RR_HOGS+=" $!"
+        done
         ;;
     esac
 }
 
 release_contention() { # contention
     case $1 in
+    rr*)
+        local pid
+        for pid in $RR_HOGS; do stop_pid "$pid"; done
+        RR_HOGS=""
+        for tid in /proc/"$QEMU_PID"/task/*; do chrt -o -p 0 "${tid##*/}" 2>/dev/null || true; done
+        echo "$RR_SLICE_SAVED" >/proc/sys/kernel/sched_rr_timeslice_ms
+        ;;
     stop*)
         stop_pid "$STOPPER_PID"
         kill -CONT "$QEMU_PID" 2>/dev/null || true
@@ -607,12 +681,17 @@ run_row() { # config contention
         exec 9>"${TMPDIR:-/tmp}/vsnoop-guest.lock"
         flock -n 9 || { log "  waiting for the guest lock (a guest test is running)"; flock 9; }
     fi
+    ROW_PIN=$PIN_HOST
+    if [[ $contention == rr* && -z $ROW_PIN ]]; then
+        # everything but the shared CPU
+        ROW_PIN=$(seq -s, 0 $(($(nproc) - 1)) | tr , '\n' | grep -vx "$RR_CPU" | paste -sd,)
+    fi
     log "$config / $contention: booting the guest"
     start_row "$config" "$contention"
     log "  guest up; waiting for tcpsink on port $SINK_PORT"
     # The sink check and the warm-up run unthrottled, so a slow boot does not count.
     host "$PYTHON" "$WORK/sender.py" --ip "$GUEST_IP" --port "$SINK_PORT" --csv /dev/null \
-        --config "$config" --contention "$contention" --sizes 1=0 --warmup 0 \
+        --config "$config" --contention "$contention" --sizes 1=0 --warmup 0 --digest "$DIGEST" \
         || die "tcpsink in the guest does not answer"
     apply_contention "$contention"
     local t0 c0
@@ -620,7 +699,7 @@ run_row() { # config contention
     log "  transfers: $(sizes_plan)"
     host "$PYTHON" "$WORK/sender.py" --ip "$GUEST_IP" --port "$SINK_PORT" --csv "$CSV" \
         --config "$config" --contention "$contention" --sizes "$(sizes_plan)" --warmup "$WARMUP" --pause-ms "$CONNECT_PAUSE_MS" \
-        --jitter-ms "$START_JITTER_MS" --seed "$row" \
+        --jitter-ms "$START_JITTER_MS" --seed "$row" --digest "$DIGEST" \
         || log "  WARNING: the sender gave up ($config / $contention); its failures are in the CSV"
     local t1 c1
     t1=$(date +%s.%N) c1=$(qemu_cpu_ticks)
@@ -682,7 +761,7 @@ SETTINGS="transfers per row: $(sizes_plan | tr ',' ' ') (warm-up $WARMUP), guest
 SETTINGS+=", random wait before connect: 0-$START_JITTER_MS ms, pause after connect: $CONNECT_PAUSE_MS ms"
 SETTINGS+=", vsnoop binary sha256 $VSNOOP_ID, QEMU $(qemu-system-x86_64 --version | awk 'NR == 1 { print $4 }')"
 SETTINGS+=", QEMU pinned: ${PIN_QEMU:-no}, host side pinned: ${PIN_HOST:-no}"
-SETTINGS+=", guest sysctls: ${GUEST_SYSCTL:-none}, tcpsink options: ${SINK_ARGS:-none}, namespace sysctls: ${HOST_SYSCTL:-none}"
+SETTINGS+=", guest sysctls: ${GUEST_SYSCTL:-none}, tcpsink options: ${SINK_ARGS:-none}, digest: $DIGEST, namespace sysctls: ${HOST_SYSCTL:-none}"
 [[ -n $GUEST_APPEND ]] && SETTINGS+=", kernel cmdline: $GUEST_APPEND"
 [[ -n $VSNOOP_ARGS ]] && SETTINGS+=", vsnoop args: $VSNOOP_ARGS"
 [[ $TCPSINK == standin ]] && SETTINGS+=", SINK: busybox stand-in (development only)"
