@@ -40,6 +40,8 @@ pub struct SendOptions {
     pub nodelay: bool,
     /// Sleep after every `write()` (paces the sender).
     pub write_pause: Option<Duration>,
+    /// Sleep between connect and the first byte (an idle connection).
+    pub idle_after_connect: Option<Duration>,
     /// The whole transfer (connect retries, sending, waiting for the reply).
     pub timeout: Duration,
     /// End the transfer early after this many payload bytes.
@@ -54,6 +56,7 @@ impl Default for SendOptions {
             write_chunk: 256 * 1024,
             nodelay: false,
             write_pause: None,
+            idle_after_connect: None,
             timeout: Duration::from_secs(180),
             abort_after: None,
             progress: None,
@@ -180,6 +183,9 @@ fn transfer(
     stream
         .set_write_timeout(Some(left("before sending")?))
         .map_err(|e| e.to_string())?;
+    if let Some(idle) = opts.idle_after_connect {
+        thread::sleep(idle);
+    }
     let start = Instant::now();
     stream
         .write_all(&len.to_be_bytes())
