@@ -44,6 +44,11 @@ impl AttributionHook {
 
 impl DataPathHook for AttributionHook {
     fn rx_published(&self, _queue_pair: usize, packet: &PacketView<'_>, stamps: RxStamps) {
+        if stamps.host_in == 0 {
+            // Our own re-delivery of bytes already seen from the host: not a
+            // host arrival, it would only disturb the matching.
+            return;
+        }
         self.feed(packet, |a, frame, len| a.on_rx(frame, len, stamps));
     }
 

@@ -7,7 +7,9 @@
 //! (`pop`, inbound from the guest). Every frame is recorded at both points
 //! with the same `epb_packetid`, nanosecond timestamps (`if_tsresol` = 9) and
 //! `epb_flags` direction bits, so `frame.time_delta` between the two records
-//! of one id is vsnoop's own delay for that frame.
+//! of one id is vsnoop's own delay for that frame. Frames the ACK offload
+//! makes are recorded once, where they appear: early ACKs and resets on the
+//! host interface (outbound), custody re-deliveries on the guest interface.
 //!
 //! The data path only copies the frame into a record and hands it to a
 //! bounded queue; a writer thread does the file I/O. When the queue is full
@@ -409,12 +411,13 @@ pub fn shift_rotated_files(path: &Path, files: usize) -> io::Result<()> {
 // Capture
 // ---------------------------------------------------------------------------
 
-/// One frame seen at both vantage points.
+/// One frame seen at its vantage points.
 struct Record {
     id: u64,
     /// (interface, timestamp ns since the epoch, epb_flags) per vantage point,
-    /// in the order the frame passed them.
-    points: [(u32, u64, u32); 2],
+    /// in the order the frame passed them: both, or only one for frames
+    /// vsnoop made itself (ACK offload).
+    points: Vec<(u32, u64, u32)>,
     original_len: u32,
     data: Vec<u8>,
 }
@@ -581,24 +584,27 @@ impl Capture {
         );
     }
 
-    fn record(&self, packet: &PacketView<'_>, points: [(u32, u64, u32); 2]) {
+    fn record(&self, frame: Frame<'_, '_>, points: &[(u32, u64, u32)]) {
         if let Some(filter) = &self.filter {
             // Decide on the headers alone (a copy on the stack), so refused
             // frames cost neither a full copy nor an allocation.
             let mut head = [0u8; PREFIX_LEN];
-            let n = packet.copy_frame_prefix(&mut head);
+            let n = frame.copy_prefix(&mut head);
             if !filter.matches_frame(&head[..n]) {
                 self.filtered.fetch_add(1, Ordering::Relaxed);
                 return;
             }
         }
-        let frame_len = packet.len.saturating_sub(packet.hdr_len);
+        let frame_len = frame.len();
         let mut data = vec![0u8; frame_len.min(self.snaplen)];
-        let copied = packet.copy_frame_prefix(&mut data);
+        let copied = frame.copy_prefix(&mut data);
         data.truncate(copied);
         let record = Record {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
-            points: points.map(|(i, t, f)| (i, t.wrapping_add(self.clock_offset), f)),
+            points: points
+                .iter()
+                .map(|&(i, t, f)| (i, t.wrapping_add(self.clock_offset), f))
+                .collect(),
             original_len: frame_len as u32,
             data,
         };
@@ -617,25 +623,58 @@ impl Drop for Capture {
     }
 }
 
+/// A frame to record: in guest memory, or one vsnoop made itself.
+#[derive(Clone, Copy)]
+enum Frame<'p, 'm> {
+    Guest(&'p PacketView<'m>),
+    Local(&'p [u8]),
+}
+
+impl Frame<'_, '_> {
+    /// Length from the Ethernet header on.
+    fn len(&self) -> usize {
+        match self {
+            Frame::Guest(p) => p.len.saturating_sub(p.hdr_len),
+            Frame::Local(f) => f.len(),
+        }
+    }
+
+    fn copy_prefix(&self, buf: &mut [u8]) -> usize {
+        match self {
+            Frame::Guest(p) => p.copy_frame_prefix(buf),
+            Frame::Local(f) => {
+                let n = buf.len().min(f.len());
+                buf[..n].copy_from_slice(&f[..n]);
+                n
+            }
+        }
+    }
+}
+
 impl DataPathHook for Capture {
     fn rx_published(&self, _queue_pair: usize, packet: &PacketView<'_>, stamps: RxStamps) {
-        self.record(
-            packet,
-            [
-                (HOST_INTERFACE, stamps.host_in, FLAG_INBOUND),
-                (GUEST_INTERFACE, stamps.ring, FLAG_OUTBOUND),
-            ],
-        );
+        let guest = (GUEST_INTERFACE, stamps.ring, FLAG_OUTBOUND);
+        if stamps.host_in == 0 {
+            // Made by vsnoop (ACK offload): it never crossed the tap.
+            self.record(Frame::Guest(packet), &[guest]);
+        } else {
+            let host = (HOST_INTERFACE, stamps.host_in, FLAG_INBOUND);
+            self.record(Frame::Guest(packet), &[host, guest]);
+        }
     }
 
     fn tx_sent(&self, _queue_pair: usize, packet: &PacketView<'_>, stamps: TxStamps) {
         self.record(
-            packet,
-            [
+            Frame::Guest(packet),
+            &[
                 (GUEST_INTERFACE, stamps.pop, FLAG_INBOUND),
                 (HOST_INTERFACE, stamps.host_out, FLAG_OUTBOUND),
             ],
         );
+    }
+
+    fn local_sent(&self, _queue_pair: usize, frame: &[u8], at: u64) {
+        self.record(Frame::Local(frame), &[(HOST_INTERFACE, at, FLAG_OUTBOUND)]);
     }
 }
 
@@ -757,6 +796,13 @@ impl DataPathHook for CaptureSlot {
             c.tx_sent(queue_pair, packet, stamps);
         }
     }
+
+    fn local_sent(&self, queue_pair: usize, frame: &[u8], at: u64) {
+        let guard = self.current.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = guard.as_ref() {
+            c.local_sent(queue_pair, frame, at);
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -819,7 +865,7 @@ fn write_records(mut out: Output, queue: Receiver<Message>) {
         match message {
             Message::Frame(record) if !failed => {
                 block.clear();
-                for (interface, ts, flags) in record.points {
+                for &(interface, ts, flags) in &record.points {
                     encode_epb(
                         &mut block,
                         interface,
@@ -990,6 +1036,62 @@ mod tests {
         assert_eq!(
             epbs[3].timestamp - epbs[2].timestamp,
             Duration::from_nanos(700)
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn offload_frames_are_recorded_once_where_they_appear() {
+        let dir = std::env::temp_dir().join(format!("vsnoop-cap-local-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("local.pcapng");
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let mut packet = vec![0u8; 12];
+        packet.extend((0..60u8).collect::<Vec<_>>());
+        mem.write_slice(&packet, GuestAddress(0x1000)).unwrap();
+        let segments = [Segment {
+            addr: GuestAddress(0x1000),
+            len: 72,
+        }];
+        let view = PacketView {
+            mem: &mem,
+            segments: &segments,
+            len: 72,
+            hdr_len: 12,
+        };
+        let capture = Capture::start(&path, 256, &CaptureSettings::default()).unwrap();
+        // A custody re-delivery: published in the ring, never read from the tap.
+        capture.rx_published(
+            0,
+            &view,
+            RxStamps {
+                host_in: 0,
+                ring: 5_000,
+            },
+        );
+        // An early ACK written to the tap.
+        let ack: Vec<u8> = (100..154u8).collect();
+        capture.local_sent(0, &ack, 6_000);
+        drop(capture);
+
+        let mut reader = PcapNgReader::new(File::open(&path).unwrap()).unwrap();
+        let mut epbs = Vec::new();
+        while let Some(block) = reader.next_block() {
+            if let Block::EnhancedPacket(epb) = block.unwrap() {
+                epbs.push(epb.into_owned());
+            }
+        }
+        assert_eq!(epbs.len(), 2, "one record each");
+        assert_eq!(epbs[0].interface_id, GUEST_INTERFACE);
+        assert_eq!(&epbs[0].data[..], &packet[12..]);
+        assert_eq!(epbs[1].interface_id, HOST_INTERFACE);
+        assert_eq!(&epbs[1].data[..], &ack[..]);
+        assert!(epbs[1]
+            .options
+            .contains(&EnhancedPacketOption::Flags(FLAG_OUTBOUND)));
+        assert_eq!(
+            epbs[1].timestamp - epbs[0].timestamp,
+            Duration::from_nanos(1_000)
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }

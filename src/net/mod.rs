@@ -109,7 +109,12 @@ impl QueuePair {
             },
         ];
         match crate::port::tap::writev(self.tap_fd, &iov) {
-            Ok(Some(_)) => QueueMetrics::inc(&self.metrics.offload_frames_sent),
+            Ok(Some(_)) => {
+                QueueMetrics::inc(&self.metrics.offload_frames_sent);
+                if let Some(hook) = self.hook() {
+                    hook.local_sent(self.index, frame, crate::timing::now_ns());
+                }
+            }
             _ => QueueMetrics::inc(&self.metrics.offload_frames_failed),
         }
     }

@@ -50,7 +50,8 @@ impl PacketView<'_> {
 /// RX timestamps of one packet.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RxStamps {
-    /// Read from the host port.
+    /// Read from the host port; 0 for a frame vsnoop made itself (ACK
+    /// offload re-delivery or reset), which never crossed the host port.
     pub host_in: u64,
     /// Written to guest buffers and the used index published.
     pub ring: u64,
@@ -73,6 +74,9 @@ pub trait DataPathHook: Send + Sync {
     fn rx_published(&self, queue_pair: usize, packet: &PacketView<'_>, stamps: RxStamps);
     /// A guest packet was written to the host port.
     fn tx_sent(&self, queue_pair: usize, packet: &PacketView<'_>, stamps: TxStamps);
+    /// vsnoop wrote a frame of its own to the host port at `at` (ACK
+    /// offload: early ACKs and resets); `frame` starts at the Ethernet header.
+    fn local_sent(&self, _queue_pair: usize, _frame: &[u8], _at: u64) {}
 }
 
 /// Several hooks called in order for every packet.
@@ -88,6 +92,12 @@ impl DataPathHook for HookChain {
     fn tx_sent(&self, queue_pair: usize, packet: &PacketView<'_>, stamps: TxStamps) {
         for hook in &self.0 {
             hook.tx_sent(queue_pair, packet, stamps);
+        }
+    }
+
+    fn local_sent(&self, queue_pair: usize, frame: &[u8], at: u64) {
+        for hook in &self.0 {
+            hook.local_sent(queue_pair, frame, at);
         }
     }
 }
