@@ -119,9 +119,9 @@ pub struct DaemonArgs {
 
     /// ACK offload: acknowledge TCP data to remote senders as soon as it is
     /// in the guest's RX buffers, keeping a copy until the guest confirms it
-    /// (see README, ACK OFFLOAD). Switchable at run time with
+    /// (see README, ACK OFFLOAD). On by default; switchable at run time with
     /// `vsnoop ack-offload`.
-    #[arg(long, value_enum, value_name = "on|off", default_value_t = Switch::Off)]
+    #[arg(long, value_enum, value_name = "on|off", default_value_t = Switch::On)]
     pub ack_offload: Switch,
 
     /// ACK offload: largest window, in bytes, our early ACKs advertise

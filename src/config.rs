@@ -174,7 +174,7 @@ mod tests {
         assert_eq!(c.queue_pairs, 1);
         assert_eq!(c.queue_size, 1024);
         assert!(!c.client);
-        assert!(!c.ack_offload);
+        assert!(c.ack_offload, "the ACK offload is on by default");
     }
 
     #[test]

@@ -471,7 +471,7 @@ fn stats_and_flows_show_the_ping_flow() -> Result<()> {
     assert_eq!(stats["tap"], d.tap.as_str());
     assert_eq!(stats["connected"], true);
     assert_eq!(stats["connections"], 1);
-    assert_eq!(stats["ack_offload"], false);
+    assert_eq!(stats["ack_offload"], true, "the offload is on by default");
     assert_eq!(stats["capture"], Value::Null);
     assert_eq!(stats["timing"], true);
     assert!(stats["uptime_s"].as_f64().unwrap() > 0.0);
@@ -681,12 +681,13 @@ fn ack_offload_and_capture_through_the_cli() -> Result<()> {
     let mut d = Daemon::start();
     let mut fe = d.connect()?;
 
-    let out = cli_ok(&["ack-offload", "--control", d.ctl(), "on"])?;
-    assert!(out.contains("ack offload: on"), "{out}");
-    assert_eq!(d.stats()?["ack_offload"], true);
+    // On by default: off, then on again.
     let out = cli_ok(&["ack-offload", "--control", d.ctl(), "off"])?;
     assert!(out.contains("ack offload: off"), "{out}");
     assert_eq!(d.stats()?["ack_offload"], false);
+    let out = cli_ok(&["ack-offload", "--control", d.ctl(), "on"])?;
+    assert!(out.contains("ack offload: on"), "{out}");
+    assert_eq!(d.stats()?["ack_offload"], true);
 
     // A relative path is resolved against the client's directory.
     let capdir = TempDir::new("ctlcap");

@@ -9,7 +9,8 @@
 //! `epb_flags` direction bits, so `frame.time_delta` between the two records
 //! of one id is vsnoop's own delay for that frame. Frames the ACK offload
 //! makes are recorded once, where they appear: early ACKs and resets on the
-//! host interface (outbound), custody re-deliveries on the guest interface.
+//! host interface (outbound), custody re-deliveries on the guest interface;
+//! guest ACKs it suppressed only on the guest interface (inbound).
 //!
 //! The data path only copies the frame into a record and hands it to a
 //! bounded queue; a writer thread does the file I/O. When the queue is full
@@ -676,6 +677,10 @@ impl DataPathHook for Capture {
     fn local_sent(&self, _queue_pair: usize, frame: &[u8], at: u64) {
         self.record(Frame::Local(frame), &[(HOST_INTERFACE, at, FLAG_OUTBOUND)]);
     }
+
+    fn tx_suppressed(&self, _queue_pair: usize, packet: &PacketView<'_>, pop: u64) {
+        self.record(Frame::Guest(packet), &[(GUEST_INTERFACE, pop, FLAG_INBOUND)]);
+    }
 }
 
 /// What a capture reports about itself.
@@ -801,6 +806,13 @@ impl DataPathHook for CaptureSlot {
         let guard = self.current.read().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = guard.as_ref() {
             c.local_sent(queue_pair, frame, at);
+        }
+    }
+
+    fn tx_suppressed(&self, queue_pair: usize, packet: &PacketView<'_>, pop: u64) {
+        let guard = self.current.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = guard.as_ref() {
+            c.tx_suppressed(queue_pair, packet, pop);
         }
     }
 }
@@ -1072,6 +1084,8 @@ mod tests {
         // An early ACK written to the tap.
         let ack: Vec<u8> = (100..154u8).collect();
         capture.local_sent(0, &ack, 6_000);
+        // A guest ACK the offload suppressed: it left the guest, not the tap.
+        capture.tx_suppressed(0, &view, 7_000);
         drop(capture);
 
         let mut reader = PcapNgReader::new(File::open(&path).unwrap()).unwrap();
@@ -1081,7 +1095,7 @@ mod tests {
                 epbs.push(epb.into_owned());
             }
         }
-        assert_eq!(epbs.len(), 2, "one record each");
+        assert_eq!(epbs.len(), 3, "one record each");
         assert_eq!(epbs[0].interface_id, GUEST_INTERFACE);
         assert_eq!(&epbs[0].data[..], &packet[12..]);
         assert_eq!(epbs[1].interface_id, HOST_INTERFACE);
@@ -1093,6 +1107,10 @@ mod tests {
             epbs[1].timestamp - epbs[0].timestamp,
             Duration::from_nanos(1_000)
         );
+        assert_eq!(epbs[2].interface_id, GUEST_INTERFACE);
+        assert!(epbs[2]
+            .options
+            .contains(&EnhancedPacketOption::Flags(FLAG_INBOUND)));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

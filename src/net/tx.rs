@@ -184,7 +184,18 @@ impl QueuePair {
             };
             match verdict {
                 TxVerdict::Pass => {}
-                TxVerdict::Suppress => return,
+                TxVerdict::Suppress => {
+                    if let Some(hook) = self.hook().cloned() {
+                        let view = PacketView {
+                            mem,
+                            segments: &self.tx.segments,
+                            len: total,
+                            hdr_len,
+                        };
+                        hook.tx_suppressed(self.index, &view, stamps.pop);
+                    }
+                    return;
+                }
                 TxVerdict::Rewritten if linearize => {
                     self.tx.linear[..edited].copy_from_slice(&self.tx.headers);
                 }

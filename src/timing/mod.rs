@@ -77,6 +77,9 @@ pub trait DataPathHook: Send + Sync {
     /// vsnoop wrote a frame of its own to the host port at `at` (ACK
     /// offload: early ACKs and resets); `frame` starts at the Ethernet header.
     fn local_sent(&self, _queue_pair: usize, _frame: &[u8], _at: u64) {}
+    /// A guest packet taken from the TX ring at `pop` that vsnoop did not
+    /// write to the host port (the ACK offload suppressed it).
+    fn tx_suppressed(&self, _queue_pair: usize, _packet: &PacketView<'_>, _pop: u64) {}
 }
 
 /// Several hooks called in order for every packet.
@@ -98,6 +101,12 @@ impl DataPathHook for HookChain {
     fn local_sent(&self, queue_pair: usize, frame: &[u8], at: u64) {
         for hook in &self.0 {
             hook.local_sent(queue_pair, frame, at);
+        }
+    }
+
+    fn tx_suppressed(&self, queue_pair: usize, packet: &PacketView<'_>, pop: u64) {
+        for hook in &self.0 {
+            hook.tx_suppressed(queue_pair, packet, pop);
         }
     }
 }
