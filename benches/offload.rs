@@ -486,7 +486,7 @@ fn fixed(spec: &str) {
         assert!(b.data_untimed(0));
     }
     b.catch_up(&(0..n).collect::<Vec<_>>());
-    for case in (0..CASES.len()).filter(|c| only.is_none_or(|o| o == *c)) {
+    for case in (0..CASES.len()).filter(|c| only.map_or(true, |o| o == *c)) {
         let d = match case {
             0 => b.run_data(iters),
             c => b.run_acks(iters, c == 2),
