@@ -301,6 +301,9 @@ pub struct Flow {
     pub last_progress: u64,
     /// Last packet in either direction (ns), for ageing.
     pub last_seen: u64,
+    /// In the engine's set of flows that owe bytes (the engine keeps it, so
+    /// it touches the set only when this changes).
+    pub(super) in_owed: bool,
 }
 
 /// Bytes covered by a window field under shift `ws`.
@@ -354,6 +357,7 @@ impl Flow {
             redeliveries: 0,
             last_progress: now,
             last_seen: now,
+            in_owed: false,
         }
     }
 

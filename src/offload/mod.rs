@@ -421,6 +421,7 @@ impl AckOffload {
         let (verdict, fx) = flow.on_guest(headers, &seg, needs_csum, limits, now);
         let held_after = flow.custody.held();
         let owes = flow.owes();
+        let was_owed = std::mem::replace(&mut flow.in_owed, owes);
         if fx.progress {
             flow.redeliveries = 0;
             flow.last_progress = now;
@@ -445,11 +446,13 @@ impl AckOffload {
             return verdict;
         }
         if owes {
-            self.owed.insert(key);
+            if !was_owed {
+                self.owed.insert(key);
+            }
             if missing {
                 self.redeliver(&key, now);
             }
-        } else {
+        } else if was_owed {
             self.owed.remove(&key);
         }
         self.publish_gauges();
@@ -561,7 +564,8 @@ impl AckOffload {
         };
         inc(&self.counters.early_acks);
         add(&self.counters.early_acked_bytes, u64::from(acked));
-        if f.owes() {
+        if f.owes() && !f.in_owed {
+            f.in_owed = true;
             self.owed.insert(flow.0);
         }
         true
