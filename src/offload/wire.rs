@@ -275,6 +275,15 @@ pub fn parse(headers: &[u8], frame_len: usize) -> Option<TcpSegment> {
 /// header (a malformed header is not ours to edit).
 fn parse_options(b: &[u8], start: usize, end: usize) -> Option<TcpOptions> {
     let mut o = TcpOptions::default();
+    // Fast path: an established flow's segments carry exactly NOP, NOP,
+    // timestamps (what the loop below would find in them, read at once).
+    if end - start == 12
+        && b[start..start + 4] == [option::NOP, option::NOP, option::TIMESTAMPS, 10]
+    {
+        o.timestamps = Some((be32(b, start + 4), be32(b, start + 8)));
+        o.timestamps_at = start + 4;
+        return Some(o);
+    }
     let mut at = start;
     while at < end {
         let kind = b[at];
@@ -905,5 +914,28 @@ mod tests {
             );
             assert_eq!(fast, full, "round {round}");
         }
+    }
+
+    #[test]
+    fn timestamps_fast_path_agrees_with_the_option_walk() {
+        let mut b = [0u8; 40];
+        b[20..24].copy_from_slice(&[option::NOP, option::NOP, option::TIMESTAMPS, 10]);
+        b[24..28].copy_from_slice(&0x8000_0001u32.to_be_bytes());
+        b[28..32].copy_from_slice(&0xffff_fffeu32.to_be_bytes());
+        let fast = parse_options(&b, 20, 32).unwrap();
+        // The same option after padding the walk must step over.
+        let mut c = [0u8; 40];
+        c[20..22].copy_from_slice(&[option::NOP, option::NOP]);
+        c[22..34].copy_from_slice(&b[22..34]);
+        c[32..36].copy_from_slice(&[option::NOP; 4]);
+        let walked = parse_options(&c, 20, 36).unwrap();
+        assert_eq!(fast, walked);
+        assert_eq!(fast.timestamps, Some((0x8000_0001, 0xffff_fffe)));
+        assert_eq!(fast.timestamps_at, 24);
+        // Twelve bytes that are not NOP, NOP, timestamps take the walk.
+        b[20..24].copy_from_slice(&[option::MSS, 4, 0x0a, 0x80]);
+        b[24..32].fill(option::NOP);
+        let other = parse_options(&b, 20, 32).unwrap();
+        assert_eq!((other.mss, other.timestamps), (Some(0x0a80), None));
     }
 }
