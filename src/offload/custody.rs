@@ -7,9 +7,14 @@ use super::wire::seq_lt;
 /// Bytes `[start, start + len)` of one flow's stream toward the guest.
 #[derive(Debug, Default)]
 pub struct Custody {
+    /// Bytes `[head, end)` are held; the bytes past `end` are stale but
+    /// initialized, so the next append overwrites them instead of
+    /// zero-filling new ones.
     buf: Vec<u8>,
     /// Index in `buf` of the byte at `start`.
     head: usize,
+    /// Index in `buf` just past the last byte held.
+    end: usize,
     /// Sequence number of the first byte held.
     start: u32,
     /// False once a byte between `start` and the delivered edge is missing.
@@ -19,7 +24,7 @@ pub struct Custody {
 impl Custody {
     /// Bytes held.
     pub fn len(&self) -> usize {
-        self.buf.len() - self.head
+        self.end - self.head
     }
 
     /// Nothing held.
@@ -40,8 +45,8 @@ impl Custody {
     /// Empties the custody and restarts it at `seq`. The buffer keeps its
     /// memory until [`Custody::take_buffer`] takes it.
     pub fn reset(&mut self, seq: u32) {
-        self.buf.clear();
         self.head = 0;
+        self.end = 0;
         self.start = seq;
         self.incomplete = false;
     }
@@ -54,6 +59,7 @@ impl Custody {
     pub fn take_buffer(&mut self) -> Option<Vec<u8>> {
         (self.is_empty() && self.buf.capacity() > 0).then(|| {
             self.head = 0;
+            self.end = 0;
             std::mem::take(&mut self.buf)
         })
     }
@@ -63,12 +69,13 @@ impl Custody {
         self.buf.capacity() == 0
     }
 
-    /// Gives an unbuffered custody the (emptied) buffer `buf`.
-    pub fn give_buffer(&mut self, mut buf: Vec<u8>) {
+    /// Gives an unbuffered custody the buffer `buf` (its contents are
+    /// stale: only bytes appended from now on are held).
+    pub fn give_buffer(&mut self, buf: Vec<u8>) {
         debug_assert!(self.unbuffered());
-        buf.clear();
         self.buf = buf;
         self.head = 0;
+        self.end = 0;
     }
 
     /// Marks the copy as having a gap (a byte could not be kept).
@@ -78,10 +85,12 @@ impl Custody {
 
     /// Appends `len` bytes at `end()`, filled by `fill`; returns bytes kept.
     pub fn append(&mut self, len: usize, fill: impl FnOnce(&mut [u8]) -> usize) -> usize {
-        let at = self.buf.len();
-        self.buf.resize(at + len, 0);
-        let got = fill(&mut self.buf[at..]).min(len);
-        self.buf.truncate(at + got);
+        let at = self.end;
+        if self.buf.len() < at + len {
+            self.buf.resize(at + len, 0);
+        }
+        let got = fill(&mut self.buf[at..at + len]).min(len);
+        self.end = at + got;
         if got < len {
             self.incomplete = true;
         }
@@ -103,8 +112,9 @@ impl Custody {
         self.head += drop;
         self.start = seq;
         // Compact once the dead prefix dominates, so memory follows the window.
-        if self.head > 64 * 1024 && self.head * 2 > self.buf.len() {
+        if self.head > 64 * 1024 && self.head * 2 > self.end {
             self.buf.drain(..self.head);
+            self.end -= self.head;
             self.head = 0;
         }
     }
@@ -116,7 +126,7 @@ impl Custody {
             return &[];
         }
         let from = self.head + off;
-        &self.buf[from..(from + max).min(self.buf.len())]
+        &self.buf[from..(from + max).min(self.end)]
     }
 
     /// Heap bytes in use (the budget counts what is held, not capacity).
