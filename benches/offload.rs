@@ -16,6 +16,10 @@
 //!
 //! Run: `cargo bench --bench offload` (criterion's report per case, then a
 //! summary table of the median ns per packet over criterion's samples).
+//! Instruction counts (repeatable on a shared machine):
+//! `scripts/offload-callgrind.sh`, which runs the bench binary with
+//! `OFFLOAD_BENCH_FIXED=<flows>,<iters>,<case>` (a fixed number of packets,
+//! no criterion) under callgrind.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
