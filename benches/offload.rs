@@ -16,6 +16,10 @@
 //!
 //! Run: `cargo bench --bench offload` (criterion's report per case, then a
 //! summary table of the median ns per packet over criterion's samples).
+//! Instruction counts (repeatable on a shared machine):
+//! `scripts/offload-callgrind.sh`, which runs the bench binary with
+//! `OFFLOAD_BENCH_FIXED=<flows>,<iters>,<case>` (a fixed number of packets,
+//! no criterion) under callgrind.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -466,7 +470,44 @@ fn summary() {
     });
 }
 
+/// `OFFLOAD_BENCH_FIXED=<flows>,<iters>[,<case>]`: no criterion, a fixed
+/// number of packets per case (or only case 0, 1 or 2 of [`CASES`]) (for instruction counts under callgrind, which are
+/// repeatable on a loaded machine: divide the inclusive cost of
+/// `Bench::data` / `Bench::guest_ack` by their call counts).
+fn fixed(spec: &str) {
+    let mut it = spec
+        .split(',')
+        .map(|v| v.trim().parse::<usize>().expect("<flows>,<iters>"));
+    let (n, iters) = (
+        it.next().unwrap_or(1_000),
+        it.next().unwrap_or(10_000) as u64,
+    );
+    let only = it.next();
+    let mut b = Bench::new(n);
+    // Warm up: every flow has sent data and had its early ACK (untimed).
+    for k in 0..n {
+        b.prepare_data(0, k);
+        assert!(b.data_untimed(0));
+    }
+    b.catch_up(&(0..n).collect::<Vec<_>>());
+    for case in (0..CASES.len()).filter(|c| only.map_or(true, |o| o == *c)) {
+        let d = match case {
+            0 => b.run_data(iters),
+            c => b.run_acks(iters, c == 2),
+        };
+        let ns = d.as_nanos() as f64 / iters as f64;
+        println!(
+            "{:<40}{ns:>9.1} ns ({n} flows, {iters} packets)",
+            CASES[case]
+        );
+    }
+}
+
 fn main() {
+    if let Ok(spec) = std::env::var("OFFLOAD_BENCH_FIXED") {
+        fixed(&spec);
+        return;
+    }
     let mut c = Criterion::default().configure_from_args();
     bench(&mut c);
     c.final_summary();

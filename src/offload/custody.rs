@@ -7,9 +7,14 @@ use super::wire::seq_lt;
 /// Bytes `[start, start + len)` of one flow's stream toward the guest.
 #[derive(Debug, Default)]
 pub struct Custody {
+    /// Bytes `[head, end)` are held; the bytes past `end` are stale but
+    /// initialized, so the next append overwrites them instead of
+    /// zero-filling new ones.
     buf: Vec<u8>,
     /// Index in `buf` of the byte at `start`.
     head: usize,
+    /// Index in `buf` just past the last byte held.
+    end: usize,
     /// Sequence number of the first byte held.
     start: u32,
     /// False once a byte between `start` and the delivered edge is missing.
@@ -19,7 +24,7 @@ pub struct Custody {
 impl Custody {
     /// Bytes held.
     pub fn len(&self) -> usize {
-        self.buf.len() - self.head
+        self.end - self.head
     }
 
     /// Nothing held.
@@ -37,14 +42,40 @@ impl Custody {
         !self.incomplete
     }
 
-    /// Empties the custody and restarts it at `seq`.
+    /// Empties the custody and restarts it at `seq`. The buffer keeps its
+    /// memory until [`Custody::take_buffer`] takes it.
     pub fn reset(&mut self, seq: u32) {
-        // Give the memory back: the budget counts bytes held, and a million
-        // idle flows must not keep a window's worth of capacity each.
-        self.buf = Vec::new();
         self.head = 0;
+        self.end = 0;
         self.start = seq;
         self.incomplete = false;
+    }
+
+    /// The memory of an empty custody, if it has any. The engine takes it
+    /// back after every guest packet (the budget counts bytes held, and a
+    /// million idle flows must not keep a window's worth of capacity each)
+    /// and hands it to the next flow that needs one ([`Custody::give_buffer`]),
+    /// which saves an allocation per burst.
+    pub fn take_buffer(&mut self) -> Option<Vec<u8>> {
+        (self.is_empty() && self.buf.capacity() > 0).then(|| {
+            self.head = 0;
+            self.end = 0;
+            std::mem::take(&mut self.buf)
+        })
+    }
+
+    /// Whether the custody has no memory of its own.
+    pub fn unbuffered(&self) -> bool {
+        self.buf.capacity() == 0
+    }
+
+    /// Gives an unbuffered custody the buffer `buf` (its contents are
+    /// stale: only bytes appended from now on are held).
+    pub fn give_buffer(&mut self, buf: Vec<u8>) {
+        debug_assert!(self.unbuffered());
+        self.buf = buf;
+        self.head = 0;
+        self.end = 0;
     }
 
     /// Marks the copy as having a gap (a byte could not be kept).
@@ -54,10 +85,12 @@ impl Custody {
 
     /// Appends `len` bytes at `end()`, filled by `fill`; returns bytes kept.
     pub fn append(&mut self, len: usize, fill: impl FnOnce(&mut [u8]) -> usize) -> usize {
-        let at = self.buf.len();
-        self.buf.resize(at + len, 0);
-        let got = fill(&mut self.buf[at..]).min(len);
-        self.buf.truncate(at + got);
+        let at = self.end;
+        if self.buf.len() < at + len {
+            self.buf.resize(at + len, 0);
+        }
+        let got = fill(&mut self.buf[at..at + len]).min(len);
+        self.end = at + got;
         if got < len {
             self.incomplete = true;
         }
@@ -79,8 +112,9 @@ impl Custody {
         self.head += drop;
         self.start = seq;
         // Compact once the dead prefix dominates, so memory follows the window.
-        if self.head > 64 * 1024 && self.head * 2 > self.buf.len() {
+        if self.head > 64 * 1024 && self.head * 2 > self.end {
             self.buf.drain(..self.head);
+            self.end -= self.head;
             self.head = 0;
         }
     }
@@ -92,7 +126,7 @@ impl Custody {
             return &[];
         }
         let from = self.head + off;
-        &self.buf[from..(from + max).min(self.buf.len())]
+        &self.buf[from..(from + max).min(self.end)]
     }
 
     /// Heap bytes in use (the budget counts what is held, not capacity).
@@ -148,5 +182,31 @@ mod tests {
         });
         c.trim(50);
         assert_eq!(c.len(), 3);
+    }
+
+    #[test]
+    fn an_emptied_buffer_moves_to_another_custody() {
+        let mut a = Custody::default();
+        a.reset(0);
+        assert!(a.unbuffered() && a.take_buffer().is_none());
+        a.append(4, |b| {
+            b.copy_from_slice(b"abcd");
+            4
+        });
+        // Bytes held: the buffer stays.
+        assert!(a.take_buffer().is_none());
+        a.trim(4);
+        let buf = a.take_buffer().unwrap();
+        assert!(a.unbuffered() && a.is_empty() && a.complete() && a.end() == 4);
+        let mut b = Custody::default();
+        b.reset(100);
+        b.give_buffer(buf);
+        assert!(!b.unbuffered() && b.is_empty());
+        b.append(2, |x| {
+            x.copy_from_slice(b"yz");
+            2
+        });
+        assert_eq!(b.bytes_from(100, 10), b"yz");
+        assert_eq!(b.held(), 2);
     }
 }

@@ -3,7 +3,9 @@
 //! clocks, no I/O; the engine in `mod.rs` feeds packets and times in.
 
 use super::custody::Custody;
-use super::wire::{self, flags, seq_le, seq_lt, seq_max, FrameSpec, IpVersion, TcpSegment};
+use super::wire::{
+    self, flags, seq_le, seq_lt, seq_max, AckTemplate, FrameSpec, IpVersion, TcpSegment,
+};
 
 /// Why a flow stopped emitting early ACKs for now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -158,7 +160,7 @@ impl SynFacts {
 }
 
 /// Link-layer and IP fields to copy into frames we generate.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Template {
     src_mac: [u8; 6],
     dst_mac: [u8; 6],
@@ -286,6 +288,9 @@ pub struct Flow {
     closing: bool,
     guest_template: Template,
     remote_template: Template,
+    /// The early ACK's frame prepared from `guest_template` (`None` until
+    /// the first early ACK and whenever that template changes).
+    ack_template: Option<AckTemplate>,
     /// Copy of the bytes `[gack, d)` delivered to the guest.
     pub custody: Custody,
     /// Duplicate ACKs below E since the last re-delivery.
@@ -303,6 +308,9 @@ pub struct Flow {
     pub last_guest: u64,
     /// Last packet in either direction (ns), for ageing.
     pub last_seen: u64,
+    /// In the engine's set of flows that owe bytes (the engine keeps it, so
+    /// it touches the set only when this changes).
+    pub(super) in_owed: bool,
 }
 
 /// RFC 2883: the first SACK block is a D-SACK if it lies below the
@@ -363,6 +371,7 @@ impl Flow {
             closing: false,
             guest_template: Template::default(),
             remote_template: Template::default(),
+            ack_template: None,
             custody: Custody::default(),
             dupacks: 0,
             redeliveries: 0,
@@ -370,6 +379,7 @@ impl Flow {
             last_progress: now,
             last_guest: now,
             last_seen: now,
+            in_owed: false,
         }
     }
 
@@ -417,7 +427,11 @@ impl Flow {
     }
 
     fn learn_guest(&mut self, headers: &[u8], seg: &TcpSegment) {
-        self.guest_template = Template::from(headers, seg);
+        let template = Template::from(headers, seg);
+        if template != self.guest_template {
+            self.guest_template = template;
+            self.ack_template = None;
+        }
         let end = seg.seq.wrapping_add(seg.seq_len());
         self.snd_nxt = if self.guest_syn.seen && !seg.has(flags::SYN) {
             seq_max(self.snd_nxt, end)
@@ -809,9 +823,16 @@ impl Flow {
         if self.ece_pending {
             flag_bits |= flags::ECE;
         }
-        let t = &self.guest_template;
-        wire::build_frame(
-            &FrameSpec {
+        if self
+            .ack_template
+            .as_ref()
+            .is_some_and(|t| t.timestamps() != timestamps.is_some())
+        {
+            self.ack_template = None;
+        }
+        let tpl = self.ack_template.get_or_insert_with(|| {
+            let t = &self.guest_template;
+            AckTemplate::new(&FrameSpec {
                 dst_mac: t.dst_mac,
                 src_mac: t.src_mac,
                 version: Some(self.version),
@@ -823,15 +844,11 @@ impl Flow {
                 flow_label: t.flow_label,
                 sport: self.guest_port,
                 dport: self.remote_port,
-                seq: self.snd_nxt,
-                ack,
-                flags: flag_bits,
-                window,
                 timestamps,
-                payload: &[],
-            },
-            out,
-        );
+                ..FrameSpec::default()
+            })
+        });
+        tpl.emit(self.snd_nxt, ack, flag_bits, window, timestamps, out);
         let acked = ack.wrapping_sub(self.e);
         self.e = ack;
         self.reached_e = false;

@@ -33,13 +33,28 @@ use flow::{Flow, FlowLimits, Mode, OfflineReason, PassReason, TxVerdict};
 use wire::{flags, IpVersion, TcpSegment};
 
 /// A flow's identity, guest side first.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowKey {
     version: IpVersion,
     guest: [u8; 16],
     remote: [u8; 16],
     guest_port: u16,
     remote_port: u16,
+}
+
+/// Every field, in three wide writes: the derived hash writes the addresses
+/// as length-prefixed byte slices, which costs several times as much on
+/// every lookup.
+impl std::hash::Hash for FlowKey {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        h.write_u128(u128::from_ne_bytes(self.guest));
+        h.write_u128(u128::from_ne_bytes(self.remote));
+        h.write_u64(
+            u64::from(self.guest_port)
+                | u64::from(self.remote_port) << 16
+                | u64::from(self.version == IpVersion::V6) << 32,
+        );
+    }
 }
 
 impl FlowKey {
@@ -263,6 +278,12 @@ pub struct AckOffload {
     /// Frames for the tap (no virtio-net header).
     to_host: VecDeque<Vec<u8>>,
     scratch: Vec<u8>,
+    /// Custody buffers of flows the guest caught up with, for the next flow
+    /// that keeps custody (at most [`SPARE_BYTES`] of capacity in all, none
+    /// larger than [`SPARE_CAPACITY`]).
+    spare: Vec<Vec<u8>>,
+    /// Capacity of the `spare` buffers.
+    spare_bytes: usize,
     last_sweep: u64,
 }
 
@@ -272,6 +293,10 @@ const IDLE_NS: u64 = 120_000_000_000;
 const IDLE_SHORT_NS: u64 = 10_000_000_000;
 /// How often the whole table is swept for idle flows.
 const SWEEP_NS: u64 = 1_000_000_000;
+/// Capacity of the custody buffers kept for reuse, in all.
+const SPARE_BYTES: usize = 1 << 20;
+/// Largest custody buffer kept for reuse (bytes of capacity).
+const SPARE_CAPACITY: usize = 64 * 1024;
 /// Frames waiting for one queue's RX ring before new ones are refused.
 const OUTBOX_LIMIT: usize = 1024;
 /// The re-delivery timeout doubles per attempt up to `2^6` times its base
@@ -291,6 +316,8 @@ impl AckOffload {
             to_guest: (0..queue_pairs.max(1)).map(|_| VecDeque::new()).collect(),
             to_host: VecDeque::new(),
             scratch: Vec::new(),
+            spare: Vec::new(),
+            spare_bytes: 0,
             last_sweep: 0,
         }
     }
@@ -425,7 +452,15 @@ impl AckOffload {
         let held_before = flow.custody.held();
         let (verdict, fx) = flow.on_guest(headers, &seg, needs_csum, limits, now);
         let held_after = flow.custody.held();
+        if let Some(buf) = flow.custody.take_buffer() {
+            let cap = buf.capacity();
+            if cap <= SPARE_CAPACITY && self.spare_bytes + cap <= SPARE_BYTES {
+                self.spare_bytes += cap;
+                self.spare.push(buf);
+            }
+        }
         let owes = flow.owes();
+        let was_owed = std::mem::replace(&mut flow.in_owed, owes);
         if fx.progress {
             flow.redeliveries = 0;
             flow.failed_redeliveries = 0;
@@ -451,11 +486,13 @@ impl AckOffload {
             return verdict;
         }
         if owes {
-            self.owed.insert(key);
+            if !was_owed {
+                self.owed.insert(key);
+            }
             if missing {
                 self.redeliver(&key, now);
             }
-        } else {
+        } else if was_owed {
             self.owed.remove(&key);
         }
         self.publish_gauges();
@@ -540,6 +577,12 @@ impl AckOffload {
                     self.custody_bytes += len;
                 }
             } else if keep && budget_ok {
+                if flow.custody.unbuffered() {
+                    if let Some(buf) = self.spare.pop() {
+                        self.spare_bytes -= buf.capacity();
+                        flow.custody.give_buffer(buf);
+                    }
+                }
                 let got = flow.custody.append(len, |b| copy_payload(start, b));
                 self.custody_bytes += got;
             }
@@ -572,7 +615,8 @@ impl AckOffload {
         };
         inc(&self.counters.early_acks);
         add(&self.counters.early_acked_bytes, u64::from(acked));
-        if f.owes() {
+        if f.owes() && !f.in_owed {
+            f.in_owed = true;
             self.owed.insert(flow.0);
         }
         true
@@ -702,6 +746,8 @@ impl AckOffload {
         self.flows.clear();
         self.owed.clear();
         self.custody_bytes = 0;
+        self.spare = Vec::new();
+        self.spare_bytes = 0;
         self.to_host.clear();
         self.to_guest.iter_mut().for_each(VecDeque::clear);
         self.publish_gauges();
