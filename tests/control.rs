@@ -540,7 +540,7 @@ fn stats_and_flows_show_the_ping_flow() -> Result<()> {
         "backend_delay",
         "guest_delay",
         &format!("queue 0: rx {received} packets"),
-        "ack offload: off",
+        "ack offload: on",
         "capture: off",
         "frontend connected",
     ] {

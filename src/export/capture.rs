@@ -679,7 +679,10 @@ impl DataPathHook for Capture {
     }
 
     fn tx_suppressed(&self, _queue_pair: usize, packet: &PacketView<'_>, pop: u64) {
-        self.record(Frame::Guest(packet), &[(GUEST_INTERFACE, pop, FLAG_INBOUND)]);
+        self.record(
+            Frame::Guest(packet),
+            &[(GUEST_INTERFACE, pop, FLAG_INBOUND)],
+        );
     }
 }
 
