@@ -189,6 +189,42 @@ impl Rig {
         sink::send_with(&self.ns, GUEST_IP, SINK_PORT, len, opts)
     }
 
+    /// Starts a transfer of `len` bytes on its own thread and returns once
+    /// `under_way` bytes are written (panics if it never gets there); the
+    /// counter keeps counting.
+    fn send_under_way(
+        &self,
+        len: usize,
+        under_way: usize,
+        timeout: Duration,
+    ) -> (
+        thread::JoinHandle<Result<SinkResult, String>>,
+        Arc<AtomicU64>,
+    ) {
+        let progress = Arc::new(AtomicU64::new(0));
+        let handle = sink::spawn_send(
+            &self.ns,
+            GUEST_IP,
+            SINK_PORT,
+            len,
+            &SendOptions {
+                progress: Some(Arc::clone(&progress)),
+                timeout,
+                ..sink_opts()
+            },
+        );
+        let deadline = Instant::now() + timeout;
+        while progress.load(Ordering::Relaxed) < under_way as u64 {
+            assert!(
+                Instant::now() < deadline && !handle.is_finished(),
+                "[{}] the transfer never got going",
+                self.label
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+        (handle, progress)
+    }
+
     /// A complete transfer that must arrive intact; panics with diagnostics.
     fn send_ok(&mut self, what: &str, len: usize, opts: &SendOptions) -> SinkResult {
         match self.send(len, opts) {
@@ -677,26 +713,7 @@ fn descheduled_guest() {
     let mut checks = EngineChecks::new(label);
     let s0 = rig.stats();
     let qemu = rig.guest.pid();
-    let progress = Arc::new(AtomicU64::new(0));
-    let handle = sink::spawn_send(
-        &rig.ns,
-        GUEST_IP,
-        SINK_PORT,
-        16 * MIB,
-        &SendOptions {
-            progress: Some(Arc::clone(&progress)),
-            timeout: XFER_TIMEOUT,
-            ..sink_opts()
-        },
-    );
-    let deadline = Instant::now() + XFER_TIMEOUT;
-    while progress.load(Ordering::Relaxed) < 2 * MIB as u64 {
-        assert!(
-            Instant::now() < deadline && !handle.is_finished(),
-            "[{label}] the transfer never got going"
-        );
-        thread::sleep(Duration::from_millis(10));
-    }
+    let (handle, _) = rig.send_under_way(16 * MIB, 2 * MIB, XFER_TIMEOUT);
     common::signal(qemu, 19); // SIGSTOP
     thread::sleep(Duration::from_secs(3));
     common::signal(qemu, 18); // SIGCONT
@@ -1011,26 +1028,7 @@ fn rst_fin_and_guest_close_mid_transfer() {
 
     // Guest close() with data in flight: a slow reader, killed mid-transfer.
     rig.guest.restart_sink("-c 4096 -d 20");
-    let progress = Arc::new(AtomicU64::new(0));
-    let handle = sink::spawn_send(
-        &rig.ns,
-        GUEST_IP,
-        SINK_PORT,
-        16 * MIB,
-        &SendOptions {
-            progress: Some(Arc::clone(&progress)),
-            timeout: Duration::from_secs(120),
-            ..sink_opts()
-        },
-    );
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while progress.load(Ordering::Relaxed) < MIB as u64 {
-        assert!(
-            Instant::now() < deadline && !handle.is_finished(),
-            "[{label}] the slow transfer never got going"
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
+    let (handle, progress) = rig.send_under_way(16 * MIB, MIB, Duration::from_secs(120));
     rig.guest.stop_sink();
     let r = handle.join().expect("sender thread");
     println!(

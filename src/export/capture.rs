@@ -961,19 +961,26 @@ mod tests {
     use pcap_file::pcapng::{Block, PcapNgReader};
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+    /// A 12-byte virtio-net header and a `frame_len`-byte frame (0, 1, 2,
+    /// ...) at 0x1000 in fresh guest memory, and the segment holding them.
+    fn packet_in_memory(frame_len: u8) -> (GuestMemoryMmap, Vec<u8>, [Segment; 1]) {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let mut packet = vec![0u8; 12];
+        packet.extend(0..frame_len);
+        mem.write_slice(&packet, GuestAddress(0x1000)).unwrap();
+        let segments = [Segment {
+            addr: GuestAddress(0x1000),
+            len: packet.len() as u32,
+        }];
+        (mem, packet, segments)
+    }
+
     #[test]
     fn records_each_frame_at_both_points_with_one_id() {
         let dir = std::env::temp_dir().join(format!("vsnoop-cap-unit-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("unit.pcapng");
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
-        let mut packet = vec![0u8; 12];
-        packet.extend((0..100u8).collect::<Vec<_>>());
-        mem.write_slice(&packet, GuestAddress(0x1000)).unwrap();
-        let segments = [Segment {
-            addr: GuestAddress(0x1000),
-            len: 112,
-        }];
+        let (mem, _, segments) = packet_in_memory(100);
         let view = PacketView {
             mem: &mem,
             segments: &segments,
@@ -1060,14 +1067,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("vsnoop-cap-local-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("local.pcapng");
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
-        let mut packet = vec![0u8; 12];
-        packet.extend((0..60u8).collect::<Vec<_>>());
-        mem.write_slice(&packet, GuestAddress(0x1000)).unwrap();
-        let segments = [Segment {
-            addr: GuestAddress(0x1000),
-            len: 72,
-        }];
+        let (mem, packet, segments) = packet_in_memory(60);
         let view = PacketView {
             mem: &mem,
             segments: &segments,

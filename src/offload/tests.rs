@@ -273,6 +273,20 @@ impl Harness {
         })
     }
 
+    /// A guest ACK (window 1000) with one SACK block.
+    fn guest_sack(&mut self, ack: u32, block: (u32, u32)) -> (TxVerdict, Vec<u8>) {
+        let ts = self.ts_g();
+        self.tx(Seg {
+            seq: GUEST_ISN + 1,
+            ack,
+            flags: flags::ACK,
+            window: 1000,
+            ts,
+            sack: vec![block],
+            ..Seg::default()
+        })
+    }
+
     /// The next `len` bytes from the remote, in order.
     fn data(&mut self, len: usize) -> Option<Vec<u8>> {
         let ts = self.ts_r();
@@ -632,16 +646,7 @@ fn rule_5_a_dsack_of_our_redelivery_does_not_trigger_another() {
     let ts = h.ts_g();
     h.guest_ack(start + 1000, 1000, ts);
     for _ in 0..3 {
-        let ts = h.ts_g();
-        let (v, _) = h.tx(Seg {
-            seq: GUEST_ISN + 1,
-            ack: start + 1000,
-            flags: flags::ACK,
-            window: 1000,
-            ts,
-            sack: vec![(start, start + 1000)],
-            ..Seg::default()
-        });
+        let (v, _) = h.guest_sack(start + 1000, (start, start + 1000));
         assert_eq!(v, TxVerdict::Suppress);
     }
     h.eng.take_guest_frames(0, &mut frames);
@@ -1032,16 +1037,7 @@ fn an_ack_that_raises_e_is_never_suppressed_even_with_a_dsack() {
     assert!(h.data(1448).is_none());
     // The guest acknowledges the data (E was not moved by us while
     // draining), with a D-SACK of a duplicate it received.
-    let ts = h.ts_g();
-    let (v, f) = h.tx(Seg {
-        seq: GUEST_ISN + 1,
-        ack: start + 1448,
-        flags: flags::ACK,
-        window: 1000,
-        ts,
-        sack: vec![(start, start + 1448)],
-        ..Seg::default()
-    });
+    let (v, f) = h.guest_sack(start + 1448, (start, start + 1448));
     assert_ne!(v, TxVerdict::Suppress);
     assert_eq!(parse(&f).ack, start + 1448);
 }
