@@ -798,6 +798,8 @@ def cname(c):
         p, q = c[2:].split("/"); return f"cgroup {q}/{p} ms"
     if c.startswith("stop"):
         r, s = c[4:].split("/"); return f"SIGSTOP run {r} / stop {s} ms"
+    if c.startswith("rr"):
+        t, n = c[2:].split("/"); return f"vCPU round robin, {n} busy loops, {t} ms slices"
     return c
 def size_name(b):
     for unit, n in (("MB", 10**6), ("KB", 10**3)):

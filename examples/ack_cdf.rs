@@ -129,6 +129,8 @@ fn describe(contention: &str) -> String {
         format!("cgroup cpu quota {q} ms per {p} ms, guest busy")
     } else if let Some((r, s)) = contention.strip_prefix("stop").and_then(pair) {
         format!("SIGSTOP/SIGCONT: run {r} ms, stop {s} ms")
+    } else if let Some((slice, hogs)) = contention.strip_prefix("rr").and_then(pair) {
+        format!("vCPU round robin with {hogs} busy loops, {slice} ms slices")
     } else {
         contention.to_string()
     }
