@@ -188,18 +188,9 @@ MD="$OUT_DIR/$PREFIX.md"
 SVG="$OUT_DIR/$PREFIX-cdf.svg"
 ROWDIR="$OUT_DIR/$PREFIX-rows"
 
-log() { printf '[ack-offload %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
-
-stop_pid() {
-    local pid=$1 i
-    kill -0 "$pid" 2>/dev/null || return 0
-    kill -CONT "$pid" 2>/dev/null || true
-    kill -TERM "$pid" 2>/dev/null || true
-    for i in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-}
+BENCH_NAME=ack-offload
+# shellcheck source=benches/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # Stops this row's processes, newest first (the SIGSTOP cycler before QEMU),
 # removes the namespace and the cgroup, releases the guest lock.

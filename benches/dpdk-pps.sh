@@ -46,17 +46,9 @@ TAP="${TAG}t"
 PIDFILE="$WORK/pids"
 : >"$PIDFILE"
 
-log() { printf '[dpdk-pps %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
-
-stop_pid() { # pid: SIGTERM, then SIGKILL after 5 s; only our own children
-    local pid=$1 i
-    kill -0 "$pid" 2>/dev/null || return 0
-    kill -TERM "$pid" 2>/dev/null || true
-    for i in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-}
+BENCH_NAME=dpdk-pps
+# shellcheck source=benches/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # Stops every process this script started (their PIDs are in $PIDFILE), then
 # removes the namespace and DPDK's runtime directories for our file prefixes.

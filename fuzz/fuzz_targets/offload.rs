@@ -223,6 +223,16 @@ impl Slot {
         self.guest_isn.wrapping_add(off as u32)
     }
 
+    /// `(seq, ack)`, or now and then arbitrary ones (the model then stops
+    /// predicting: tainted).
+    fn maybe_wild(&mut self, u: &mut Unstructured, seq: u32, ack: u32) -> Result<(u32, u32)> {
+        if u.ratio(1, 64)? {
+            self.m.tainted = true;
+            return Ok((u.arbitrary()?, u.arbitrary()?));
+        }
+        Ok((seq, ack))
+    }
+
     /// The shift the engine applies to the guest's window.
     fn ws(&self) -> u32 {
         match (self.guest_ws, self.remote_ws) {
@@ -553,13 +563,7 @@ fn remote_frame(u: &mut Unstructured, slots: &mut [Slot], i: usize) -> Result<(V
     } else {
         around(u, s.m.g_next)?
     };
-    let mut seq = s.rseq(seq_off);
-    let mut ack = s.gseq(ack_off);
-    if u.ratio(1, 64)? {
-        s.m.tainted = true;
-        seq = u.arbitrary()?;
-        ack = u.arbitrary()?;
-    }
+    let (seq, ack) = s.maybe_wild(u, s.rseq(seq_off), s.gseq(ack_off))?;
     let ts = if u.ratio(4, 5)? {
         s.m.r_ts += i64::from(u.int_in_range(0u8..=2)?);
         let tsecr = s.guest_ts0.wrapping_add(s.m.g_tsval.unwrap_or(0) as u32);
@@ -698,13 +702,7 @@ fn guest_frame(
     if u.ratio(1, 64)? {
         fl |= flags::URG;
     }
-    let mut seq = s.gseq(seq_off);
-    let mut ack = s.rseq(ack_off);
-    if u.ratio(1, 64)? {
-        s.m.tainted = true;
-        seq = u.arbitrary()?;
-        ack = u.arbitrary()?;
-    }
+    let (seq, ack) = s.maybe_wild(u, s.gseq(seq_off), s.rseq(ack_off))?;
     let ts = if u.ratio(4, 5)? {
         s.m.g_ts += i64::from(u.int_in_range(0u8..=2)?);
         let tsecr = if u.ratio(7, 8)? {

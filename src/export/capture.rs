@@ -416,9 +416,10 @@ pub fn shift_rotated_files(path: &Path, files: usize) -> io::Result<()> {
 struct Record {
     id: u64,
     /// (interface, timestamp ns since the epoch, epb_flags) per vantage point,
-    /// in the order the frame passed them: both, or only one for frames
-    /// vsnoop made itself (ACK offload).
-    points: Vec<(u32, u64, u32)>,
+    /// in the order the frame passed them: both, or only the first for
+    /// frames vsnoop made itself (ACK offload); `passed` says how many.
+    points: [(u32, u64, u32); 2],
+    passed: usize,
     original_len: u32,
     data: Vec<u8>,
 }
@@ -600,12 +601,15 @@ impl Capture {
         let mut data = vec![0u8; frame_len.min(self.snaplen)];
         let copied = frame.copy_prefix(&mut data);
         data.truncate(copied);
+        let mut at = [(0, 0, 0); 2];
+        let passed = points.len().min(2);
+        for (slot, &(i, t, f)) in at.iter_mut().zip(points) {
+            *slot = (i, t.wrapping_add(self.clock_offset), f);
+        }
         let record = Record {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
-            points: points
-                .iter()
-                .map(|&(i, t, f)| (i, t.wrapping_add(self.clock_offset), f))
-                .collect(),
+            points: at,
+            passed,
             original_len: frame_len as u32,
             data,
         };
@@ -880,7 +884,7 @@ fn write_records(mut out: Output, queue: Receiver<Message>) {
         match message {
             Message::Frame(record) if !failed => {
                 block.clear();
-                for &(interface, ts, flags) in &record.points {
+                for &(interface, ts, flags) in &record.points[..record.passed] {
                     encode_epb(
                         &mut block,
                         interface,

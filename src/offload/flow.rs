@@ -597,8 +597,7 @@ impl Flow {
         // re-delivery: nothing is missing, and counting it would re-deliver
         // again, which makes another D-SACK. A SACK block above the
         // cumulative ACK reports a hole below it.
-        let dsack = is_dsack(headers, seg);
-        let dup = seg.is_pure_ack() && ack == prev_gack && owed_before && !dsack;
+        let dup = seg.is_pure_ack() && ack == prev_gack && owed_before && !is_dsack(headers, seg);
         let hole_reported =
             owed_before && wire::sack_blocks(headers, seg).any(|(left, _)| seq_lt(ack, left));
         if dup || hole_reported {

@@ -147,6 +147,17 @@ impl Harness {
         }
     }
 
+    /// Default connection, custody budget of `bytes`.
+    fn with_budget(bytes: usize) -> Harness {
+        Harness::with(
+            Conn::default(),
+            OffloadConfig {
+                custody_budget: bytes,
+                ..OffloadConfig::default()
+            },
+        )
+    }
+
     fn stats(&self) -> OffloadStats {
         self.counters
             .snapshot(self.eng.enabled(), self.eng.draining())
@@ -655,13 +666,7 @@ fn rule_5_a_dsack_of_our_redelivery_does_not_trigger_another() {
 
 #[test]
 fn rule_5_no_custody_budget_means_no_offload() {
-    let mut h = Harness::with(
-        Conn::default(),
-        OffloadConfig {
-            custody_budget: 1000,
-            ..OffloadConfig::default()
-        },
-    );
+    let mut h = Harness::with_budget(1000);
     h.handshake();
     assert!(h.data(800).is_some());
     // This one does not fit: not acknowledged early.
@@ -1044,13 +1049,7 @@ fn an_ack_that_raises_e_is_never_suppressed_even_with_a_dsack() {
 
 #[test]
 fn a_flow_over_its_custody_budget_comes_back_once_the_guest_caught_up() {
-    let mut h = Harness::with(
-        Conn::default(),
-        OffloadConfig {
-            custody_budget: 1000,
-            ..OffloadConfig::default()
-        },
-    );
+    let mut h = Harness::with_budget(1000);
     h.handshake();
     assert!(h.data(1448).is_none());
     assert_eq!(h.mode(), Mode::Offline(OfflineReason::CustodyBudget));
