@@ -24,10 +24,11 @@
 #                              idles gives up the CPU and, when a packet wakes
 #                              it, waits behind the busy loops' slices: one
 #                              wait per guest turnaround, which is what early
-#                              ACKs remove. vsnoop, the sender and QEMU's
-#                              other threads (its main loop injects the
-#                              interrupts, like a hypervisor) are pinned to
-#                              the other CPUs. RT throttling
+#                              ACKs remove. QEMU's main loop (it injects the
+#                              interrupts, like a hypervisor) shares RR_CPU at
+#                              a higher SCHED_RR priority (RR_MAIN=1); vsnoop,
+#                              the sender and QEMU's other threads are pinned
+#                              to the other CPUs. RT throttling
 #                              (sched_rt_runtime_us, 95 %) stays on.
 #
 # vsnoop (the driver domain), the sender and this script stay outside every
@@ -103,6 +104,15 @@
 #   PIN_QEMU      [""]   CPU list for QEMU (taskset -a), e.g. 1
 #   PIN_HOST      [""]   CPU list for vsnoop, the sender and iperf3, e.g. 0
 #   RR_CPU        [last CPU] the CPU rr rows share between QEMU and the busy loops
+#   RR_MAIN       [1]    rr rows: QEMU's main loop on RR_CPU at SCHED_RR priority 2
+#                        (above the vCPU and the busy loops). With 0 it runs on the
+#                        other CPUs: then the vCPU thread blocks on QEMU's big lock
+#                        whenever the main loop holds it (interrupt injection,
+#                        timers), and under SCHED_RR every block sends it behind
+#                        the busy loops again, 60 ms each time (perf sched timehist:
+#                        4-9 such waits per 100 KB transfer, which no hypervisor
+#                        imposes on a guest; 100 KB medians off 0.11, on 0.21 MB/s
+#                        against 0.99 and 3.1 with RR_MAIN=1)
 #   GUEST_SYSCTL  [""]   space-separated KEY=VALUE sysctls for the guest (kernel
 #                        cmdline vsnoop.sysctl=K=V,K=V; ':' stands for a space in a
 #                        value), e.g. "net.ipv4.tcp_rmem=4096:1048576:4194304"
@@ -152,6 +162,7 @@ BUSY_STOP=${BUSY_STOP:-0}
 PIN_QEMU=${PIN_QEMU:-}
 PIN_HOST=${PIN_HOST:-}
 RR_CPU=${RR_CPU:-$(($(nproc) - 1))}
+RR_MAIN=${RR_MAIN:-1}
 RR_SLICE_SAVED=$(cat /proc/sys/kernel/sched_rr_timeslice_ms)
 RR_HOGS=""
 ROW_PIN=""
@@ -584,6 +595,9 @@ apply_contention() { # contention
                 taskset -p -c "$RR_CPU" "${tid##*/}" >/dev/null
                 chrt -r -p 1 "${tid##*/}"
                 vcpus=$((vcpus + 1))
+            elif [[ ${tid##*/} == "$QEMU_PID" && $RR_MAIN == 1 ]]; then
+                taskset -p -c "$RR_CPU" "${tid##*/}" >/dev/null
+                chrt -r -p 2 "${tid##*/}"
             else
                 taskset -p -c "$ROW_PIN" "${tid##*/}" >/dev/null
             fi
