@@ -308,9 +308,12 @@ pub struct Flow {
     pub last_guest: u64,
     /// Last packet in either direction (ns), for ageing.
     pub last_seen: u64,
-    /// In the engine's set of flows that owe bytes (the engine keeps it, so
-    /// it touches the set only when this changes).
+    /// In the engine's list of flows that may owe bytes (the engine adds a
+    /// flow when it starts owing and drops it lazily, on its timer).
     pub(super) in_owed: bool,
+    /// Engine-wide unique number, so a list entry of a forgotten flow never
+    /// matches a later flow with the same key.
+    pub(super) id: u32,
 }
 
 /// RFC 2883: the first SACK block is a D-SACK if it lies below the
@@ -380,6 +383,7 @@ impl Flow {
             last_guest: now,
             last_seen: now,
             in_owed: false,
+            id: 0,
         }
     }
 

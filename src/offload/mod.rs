@@ -23,10 +23,10 @@ mod tests;
 
 use std::collections::hash_map::Entry;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use ahash::{AHashMap, AHashSet};
+use ahash::AHashMap;
 use serde::Serialize;
 
 use flow::{Flow, FlowLimits, Mode, OfflineReason, PassReason, TxVerdict};
@@ -269,8 +269,11 @@ pub struct AckOffload {
     cfg: OffloadConfig,
     draining: bool,
     flows: AHashMap<FlowKey, Flow>,
-    /// Flows with `Gack < E` (pinned; checked by the timer).
-    owed: AHashSet<FlowKey>,
+    /// Every flow with `Gack < E` (pinned; checked by the timer), by key and
+    /// [`Flow::id`], plus flows that stopped owing or were forgotten since
+    /// the last timer tick: adding a flow is a push and nothing is removed
+    /// on the packet path, the timer drops what no longer owes.
+    owed: Vec<(FlowKey, u32)>,
     custody_bytes: usize,
     counters: Arc<OffloadCounters>,
     /// Frames for the guest's RX ring, per queue pair.
@@ -310,7 +313,7 @@ impl AckOffload {
             cfg,
             draining: false,
             flows: AHashMap::new(),
-            owed: AHashSet::new(),
+            owed: Vec::new(),
             custody_bytes: 0,
             counters,
             to_guest: (0..queue_pairs.max(1)).map(|_| VecDeque::new()).collect(),
@@ -348,7 +351,21 @@ impl AckOffload {
 
     /// Whether every flow's guest ACK has caught up with what the sender saw.
     pub fn drained(&self) -> bool {
-        self.owed.is_empty()
+        self.owed.iter().all(|e| self.owing(e).is_none())
+    }
+
+    /// The flow of an `owed` entry, if it is still that flow and it owes.
+    fn owing(&self, (key, id): &(FlowKey, u32)) -> Option<&Flow> {
+        self.flows.get(key).filter(|f| f.id == *id && f.owes())
+    }
+
+    /// Puts `flow` on the owed list if it owes (`owes`) and is not on it already.
+    #[inline]
+    fn note_owing(owed: &mut Vec<(FlowKey, u32)>, key: FlowKey, flow: &mut Flow, owes: bool) {
+        if owes && !flow.in_owed {
+            flow.in_owed = true;
+            owed.push((key, flow.id));
+        }
     }
 
     /// Whether the engine has nothing to do (off and no flows).
@@ -396,8 +413,8 @@ impl AckOffload {
 
     fn forget(&mut self, key: &FlowKey) {
         if let Some(flow) = self.flows.remove(key) {
+            // Its owed entry (if any) no longer matches a flow: the timer drops it.
             self.custody_bytes -= flow.custody.held();
-            self.owed.remove(key);
             self.publish_gauges();
         }
     }
@@ -460,7 +477,7 @@ impl AckOffload {
             }
         }
         let owes = flow.owes();
-        let was_owed = std::mem::replace(&mut flow.in_owed, owes);
+        Self::note_owing(&mut self.owed, key, flow, owes);
         if fx.progress {
             flow.redeliveries = 0;
             flow.failed_redeliveries = 0;
@@ -485,15 +502,8 @@ impl AckOffload {
             self.forget(&key);
             return verdict;
         }
-        if owes {
-            if !was_owed {
-                self.owed.insert(key);
-            }
-            if missing {
-                self.redeliver(&key, now);
-            }
-        } else if was_owed {
-            self.owed.remove(&key);
+        if owes && missing {
+            self.redeliver(&key, now);
         }
         self.publish_gauges();
         verdict
@@ -615,17 +625,15 @@ impl AckOffload {
         };
         inc(&self.counters.early_acks);
         add(&self.counters.early_acked_bytes, u64::from(acked));
-        if f.owes() && !f.in_owed {
-            f.in_owed = true;
-            self.owed.insert(flow.0);
-        }
+        let owes = f.owes();
+        Self::note_owing(&mut self.owed, flow.0, f, owes);
         true
     }
 
     /// The guest posted no RX buffers: flows that owe bytes go offline (rule 3).
     pub fn no_buffer(&mut self) {
-        for key in &self.owed {
-            if let Some(f) = self.flows.get_mut(key) {
+        for (key, id) in &self.owed {
+            if let Some(f) = self.flows.get_mut(key).filter(|f| f.id == *id && f.owes()) {
                 if let Some(r) = f.offline(OfflineReason::NoBuffer) {
                     self.counters.offline(r);
                 }
@@ -693,17 +701,22 @@ impl AckOffload {
     /// Periodic work: re-deliver custody the guest has not acknowledged in
     /// time (backing off), forget idle flows.
     pub fn tick(&mut self, now: u64) {
-        let due: Vec<FlowKey> = self
-            .owed
-            .iter()
-            .filter(|k| {
-                self.flows.get(k).is_some_and(|f| {
-                    let wait = self.cfg.redeliver_after_ns << f.redeliveries.min(MAX_BACKOFF_SHIFT);
-                    now.saturating_sub(f.last_progress) >= wait
-                })
-            })
-            .copied()
-            .collect();
+        let mut due = Vec::new();
+        let (flows, cfg) = (&mut self.flows, &self.cfg);
+        self.owed.retain(|(key, id)| {
+            let Some(f) = flows.get_mut(key).filter(|f| f.id == *id) else {
+                return false; // forgotten (a later flow with its key has its own entry)
+            };
+            if !f.owes() {
+                f.in_owed = false;
+                return false;
+            }
+            let wait = cfg.redeliver_after_ns << f.redeliveries.min(MAX_BACKOFF_SHIFT);
+            if now.saturating_sub(f.last_progress) >= wait {
+                due.push(*key);
+            }
+            true
+        });
         for key in due {
             self.redeliver(&key, now);
         }
@@ -806,24 +819,24 @@ fn new_flow(
         }
         return None;
     }
-    if syn_only {
+    let mut flow = if syn_only {
         let f = Flow::from_syn(headers, seg, from_guest, now);
         if let Mode::PassThrough(r) = f.mode {
             counters.passthrough(r);
         }
-        Some(f)
+        f
     } else if seg.has(flags::RST) {
-        None
+        return None;
     } else {
         counters.passthrough(PassReason::MidStream);
-        Some(Flow::pass_through(
-            seg,
-            from_guest,
-            PassReason::MidStream,
-            now,
-        ))
-    }
+        Flow::pass_through(seg, from_guest, PassReason::MidStream, now)
+    };
+    flow.id = NEXT_FLOW_ID.fetch_add(1, Ordering::Relaxed);
+    Some(flow)
 }
+
+/// Source of [`Flow::id`]s (unique in the process).
+static NEXT_FLOW_ID: AtomicU32 = AtomicU32::new(1);
 
 /// The engine as the daemon shares it: one lock, counters outside it, and a
 /// lock-free hint the data path checks before parsing anything.

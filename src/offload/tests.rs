@@ -213,6 +213,7 @@ impl Harness {
 
     /// Remote-initiated handshake; the flow is Active afterwards.
     fn handshake(&mut self) {
+        let offloaded = self.stats().flows_offloaded;
         let mut syn_opts = vec![TcpOptionElement::MaximumSegmentSize(1460)];
         if self.conn.wscale {
             syn_opts.push(TcpOptionElement::WindowScale(7));
@@ -270,7 +271,7 @@ impl Harness {
         // The guest's first window update after the handshake (scaled).
         let ts = self.ts_g();
         self.guest_ack(REMOTE_ISN + 1, 1000, ts);
-        assert_eq!(self.stats().flows_offloaded, 1);
+        assert_eq!(self.stats().flows_offloaded, offloaded + 1);
     }
 
     fn guest_ack(&mut self, ack: u32, window: u16, ts: Option<(u32, u32)>) -> (TxVerdict, Vec<u8>) {
@@ -622,6 +623,38 @@ fn rule_5_a_descheduled_guest_that_catches_up_is_never_reset() {
     assert_eq!(h.eng.custody_bytes(), 0);
     assert_eq!(h.mode(), Mode::Active);
     assert!(h.data(800).is_some());
+}
+
+/// A flow reset while it owed bytes and reopened with the same addresses
+/// and ports before the timer ran: the new flow owes, times out and is
+/// re-delivered like any other; once it caught up the engine is drained.
+#[test]
+fn rule_5_a_flow_reopened_with_the_same_key_keeps_its_custody_timer() {
+    let mut h = Harness::new(Conn::default());
+    h.handshake();
+    h.data(800).unwrap();
+    h.rx(Seg {
+        seq: h.rseq,
+        flags: flags::RST,
+        ..Seg::default()
+    });
+    assert_eq!(h.eng.flows(), 0);
+    assert!(h.eng.drained(), "a forgotten flow owes nothing");
+    h.rseq = REMOTE_ISN + 1;
+    h.handshake();
+    h.data(800).unwrap();
+    assert!(!h.eng.drained());
+    h.eng.tick(h.now + 250_000_000);
+    assert_eq!(h.stats().redeliveries, 1);
+    let ts = h.ts_g();
+    assert_eq!(h.guest_ack(h.rseq, 1000, ts).0, TxVerdict::Pass);
+    assert!(h.eng.drained());
+    h.eng.tick(h.now + 60_000_000_000);
+    assert_eq!(
+        h.stats().redeliveries,
+        1,
+        "nothing owed, nothing re-delivered"
+    );
 }
 
 #[test]
