@@ -1209,17 +1209,30 @@ impl Rig {
             thread::sleep(Duration::from_millis(100));
         }
     }
-}
 
-/// `query-migrate`: the status and the whole reply.
-fn migration_status(qmp: &mut Qmp) -> Result<(String, Value), String> {
-    let info = qmp.execute("query-migrate", json!({}))?;
-    let status = info
-        .get("status")
-        .and_then(Value::as_str)
-        .unwrap_or("none")
-        .to_string();
-    Ok((status, info))
+    /// A QMP command that must succeed; panics with QEMU's error, vsnoop's
+    /// log and QEMU's diagnostics.
+    fn qmp_ok(&mut self, qmp: &mut Qmp, command: &str, arguments: Value) -> Value {
+        qmp.execute(command, arguments).unwrap_or_else(|e| {
+            panic!(
+                "[{}] QMP {command} failed: {e}\n--- vsnoop log:\n{}\n{}",
+                self.label,
+                self.vsnoop.log_text(),
+                self.guest.diagnostics()
+            )
+        })
+    }
+
+    /// `query-migrate`: the status and the whole reply.
+    fn migration_status(&mut self, qmp: &mut Qmp) -> (String, Value) {
+        let info = self.qmp_ok(qmp, "query-migrate", json!({}));
+        let status = info
+            .get("status")
+            .and_then(Value::as_str)
+            .unwrap_or("none")
+            .to_string();
+        (status, info)
+    }
 }
 
 /// Live migration start and cancel with a real QEMU (rule 15). vsnoop
@@ -1261,21 +1274,19 @@ fn migration_start_and_cancel() {
 
     // Throttled: a 256 MB guest takes minutes at 1 MiB/s, far longer than
     // the checks below.
-    if let Err(e) = qmp.execute(
+    rig.qmp_ok(
+        &mut qmp,
         "migrate-set-parameters",
         json!({ "max-bandwidth": 1_048_576 }),
-    ) {
-        panic!("[{label}] {e}\n{}", rig.guest.diagnostics());
-    }
+    );
     let started = Instant::now();
-    if let Err(e) = qmp.execute("migrate", json!({ "uri": "exec:cat > /dev/null" })) {
-        // E.g. "vhost-user backend lacks VHOST_USER_PROTOCOL_F_LOG_SHMFD".
-        panic!(
-            "[{label}] QEMU refused to migrate: {e}\n--- vsnoop log:\n{}\n{}",
-            rig.vsnoop.log_text(),
-            rig.guest.diagnostics()
-        );
-    }
+    // Fails if QEMU refuses, e.g. "vhost-user backend lacks
+    // VHOST_USER_PROTOCOL_F_LOG_SHMFD feature".
+    rig.qmp_ok(
+        &mut qmp,
+        "migrate",
+        json!({ "uri": "exec:cat > /dev/null" }),
+    );
     let s2 = rig.wait_stats(
         "offload.draining true and drains 1 after `migrate`",
         Duration::from_secs(60),
@@ -1286,7 +1297,7 @@ fn migration_start_and_cancel() {
         started.elapsed()
     );
     print_offload(label, "draining", &s2);
-    let (status, info) = migration_status(&mut qmp).unwrap_or_else(|e| panic!("[{label}] {e}"));
+    let (status, info) = rig.migration_status(&mut qmp);
     assert!(
         status == "active" || status == "setup",
         "[{label}] migration is {status:?}, not active: {info}\n--- vsnoop log:\n{}\n{}",
@@ -1317,7 +1328,7 @@ fn migration_start_and_cancel() {
             early(&s3)
         ),
     );
-    let (status, info) = migration_status(&mut qmp).unwrap_or_else(|e| panic!("[{label}] {e}"));
+    let (status, info) = rig.migration_status(&mut qmp);
     assert_eq!(
         status, "active",
         "[{label}] migration not active before the cancel (raise the throttle?): {info}"
@@ -1328,12 +1339,10 @@ fn migration_start_and_cancel() {
         info.get("ram").unwrap_or(&Value::Null)
     );
 
-    if let Err(e) = qmp.execute("migrate_cancel", json!({})) {
-        panic!("[{label}] {e}\n{}", rig.guest.diagnostics());
-    }
+    rig.qmp_ok(&mut qmp, "migrate_cancel", json!({}));
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let (status, info) = migration_status(&mut qmp).unwrap_or_else(|e| panic!("[{label}] {e}"));
+        let (status, info) = rig.migration_status(&mut qmp);
         if status == "cancelled" {
             break;
         }
