@@ -109,7 +109,7 @@ pmd_counter() { # logfile RX|TX packets|bytes
         /NIC statistics for port 0|Port statistics/ { inport = 1 }
         /NIC statistics for port 1/ { inport = 0 }
         inport { for (i = 1; i < NF; i++) if ($i == want) v = $(i + 1) }
-        END { print v + 0 }' "$1"
+        END { printf "%.0f\n", v + 0 }' "$1"
 }
 
 now() { date +%s.%N; }
@@ -180,7 +180,7 @@ vsnoop_stats() { # -> prints summed key=value pairs
     done
     awk '/vsnoop-stats-begin/ { delete s } /vsnoop-stats / {
             for (i = 1; i <= NF; i++) if ($i ~ /^[a-z_]+=[0-9]+$/) { split($i, kv, "="); if (kv[1] != "queue") s[kv[1]] += kv[2] } }
-         END { for (k in s) printf "%s=%s ", k, s[k]; print "" }' "$WORK/vsnoop.log"
+         END { for (k in s) printf "%s=%.0f ", k, s[k]; print "" }' "$WORK/vsnoop.log"
 }
 
 # One measurement; prints "Mpps Gbit/s frames cpu" (Gbit/s on the Ethernet

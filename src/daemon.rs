@@ -9,11 +9,12 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
+use crate::GuestMemory;
 use anyhow::{bail, Context, Result};
 use log::{info, warn};
 use vhost::vhost_user::Error as VhostUserError;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::epoll::EventSet;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -109,7 +110,7 @@ pub fn run(config: Config) -> Result<()> {
 
 /// Serves one frontend connection to its end.
 fn serve_connection(backend: &NetBackend, frontend: UnixStream, generation: u64) -> Result<()> {
-    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let mem = GuestMemoryAtomic::new(GuestMemory::new());
     let backend = backend.for_connection(generation, mem.clone());
     let mut daemon = VhostUserDaemon::new("vsnoop-vhost-user".into(), backend.clone(), mem)
         .map_err(|e| anyhow::anyhow!("creating the vhost-user daemon: {e:?}"))?;

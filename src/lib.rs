@@ -31,3 +31,10 @@ pub mod report;
 pub mod state;
 pub mod timing;
 pub mod vhost_user;
+
+/// Guest memory as every part of vsnoop sees it: mmap'ed regions with a
+/// dirty-page bitmap the frontend can switch on for live migration
+/// (VHOST_USER_SET_LOG_BASE). Writes through `vm-memory` are logged by the
+/// bitmap; writes that bypass it (readv into raw iovecs) must call
+/// [`net::mark_dirty`].
+pub type GuestMemory = vm_memory::GuestMemoryMmap<vhost_user_backend::bitmap::BitmapMmapRegion>;

@@ -35,9 +35,10 @@ use common::guest::{
     GuestConfig, GuestLock, GUEST_IP,
 };
 use common::netem::TapNetem;
+use common::qmp::Qmp;
 use common::sink::{self, Abort, SendOptions, SinkResult};
 use common::{require_tool, unique, Netns, TempDir, Vsnoop};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 const MIB: usize = 1 << 20;
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
@@ -60,6 +61,8 @@ struct RigOptions {
     append: String,
     /// QEMU reconnects to the backend (for restarting vsnoop under the guest).
     reconnect: bool,
+    /// QEMU serves QMP on `qmp.sock` in the scratch directory ([`Rig::qmp`]).
+    qmp: bool,
 }
 
 /// Field order is drop order: QEMU first, then tapnetem, vsnoop, the namespace,
@@ -79,6 +82,8 @@ struct Rig {
     /// Logs of every vsnoop run so far.
     logs: Vec<PathBuf>,
     run: u32,
+    /// QEMU's QMP socket (with `RigOptions::qmp`).
+    qmp: Option<PathBuf>,
 }
 
 fn prerequisites() {
@@ -117,6 +122,13 @@ impl Rig {
             reconnect: opts.reconnect,
         });
         cfg.append = opts.append.clone();
+        let qmp = opts.qmp.then(|| dir.join("qmp.sock"));
+        if let Some(path) = &qmp {
+            cfg.extra_args = vec![
+                "-qmp".into(),
+                format!("unix:{},server=on,wait=off", path.display()),
+            ];
+        }
         let guest = Guest::boot(&ns, &cfg, &dir.path);
         let mut rig = Rig {
             guest,
@@ -131,6 +143,7 @@ impl Rig {
             control,
             logs: vec![log],
             run,
+            qmp,
         };
         let boot = rig.guest.wait_booted(BOOT_TIMEOUT);
         println!("[{label}] guest booted in {boot:.1?}");
@@ -1162,6 +1175,228 @@ fn guest_to_host_unchanged() {
         );
     }
     rig.guest_health();
+}
+
+/// `offload.draining`.
+fn draining(stats: &Value) -> Option<bool> {
+    stats.get("offload")?.get("draining")?.as_bool()
+}
+
+impl Rig {
+    /// Polls `vsnoop stats --json` until `done` holds; panics after `timeout`
+    /// with the last stats, QEMU's state and vsnoop's log.
+    fn wait_stats(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let stats = self.stats();
+            if done(&stats) {
+                return stats;
+            }
+            if Instant::now() > deadline {
+                let log = self.vsnoop.log_text();
+                let diag = self.guest.diagnostics();
+                panic!(
+                    "[{}] {what}: not seen within {timeout:?}; last offload stats {}\n--- vsnoop log:\n{log}\n{diag}",
+                    self.label,
+                    stats.get("offload").unwrap_or(&Value::Null)
+                );
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// A QMP command that must succeed; panics with QEMU's error, vsnoop's
+    /// log and QEMU's diagnostics.
+    fn qmp_ok(&mut self, qmp: &mut Qmp, command: &str, arguments: Value) -> Value {
+        qmp.execute(command, arguments).unwrap_or_else(|e| {
+            panic!(
+                "[{}] QMP {command} failed: {e}\n--- vsnoop log:\n{}\n{}",
+                self.label,
+                self.vsnoop.log_text(),
+                self.guest.diagnostics()
+            )
+        })
+    }
+
+    /// `query-migrate`: the status and the whole reply.
+    fn migration_status(&mut self, qmp: &mut Qmp) -> (String, Value) {
+        let info = self.qmp_ok(qmp, "query-migrate", json!({}));
+        let status = info
+            .get("status")
+            .and_then(Value::as_str)
+            .unwrap_or("none")
+            .to_string();
+        (status, info)
+    }
+}
+
+/// Live migration start and cancel with a real QEMU (rule 15). vsnoop
+/// offers dirty logging (LOG_SHMFD), so QEMU migrates: `migrate` (to
+/// `cat > /dev/null`, throttled so it is still running when cancelled) must
+/// set VHOST_F_LOG_ALL, and the offload drains (no new early ACKs; data
+/// still hash-equal); `migrate_cancel` clears it, the guest keeps working
+/// and early ACKs resume. QEMU refusing the migration fails the test.
+#[test]
+fn migration_start_and_cancel() {
+    let label = "migrate";
+    let mut rig = Rig::start(
+        label,
+        RigOptions {
+            qmp: true,
+            ..RigOptions::default()
+        },
+    );
+    let qmp_path = rig.qmp.clone().expect("QMP socket path");
+    let mut qmp = match Qmp::connect(&qmp_path, Duration::from_secs(30)) {
+        Ok(q) => q,
+        Err(e) => panic!("[{label}] QMP: {e}\n{}", rig.guest.diagnostics()),
+    };
+    let mut checks = EngineChecks::new(label);
+    let s0 = rig.stats();
+    print_offload(label, "before", &s0);
+    assert_eq!(
+        draining(&s0),
+        Some(false),
+        "[{label}] offload.draining is not false before the migration"
+    );
+    rig.send_ok("4 MiB before the migration", 4 * MIB, &sink_opts());
+    let s1 = rig.stats();
+    let early = |s: &Value| off(s, "early_acks").unwrap_or(0);
+    checks.check(
+        early(&s1) > early(&s0),
+        format!("no early ACKs before the migration ({})", early(&s1)),
+    );
+
+    // Throttled: a 256 MB guest takes minutes at 1 MiB/s, far longer than
+    // the checks below.
+    rig.qmp_ok(
+        &mut qmp,
+        "migrate-set-parameters",
+        json!({ "max-bandwidth": 1_048_576 }),
+    );
+    let started = Instant::now();
+    // Fails if QEMU refuses, e.g. "vhost-user backend lacks
+    // VHOST_USER_PROTOCOL_F_LOG_SHMFD feature".
+    rig.qmp_ok(
+        &mut qmp,
+        "migrate",
+        json!({ "uri": "exec:cat > /dev/null" }),
+    );
+    let s2 = rig.wait_stats(
+        "offload.draining true and drains 1 after `migrate`",
+        Duration::from_secs(60),
+        |s| draining(s) == Some(true) && off(s, "drains") == Some(1),
+    );
+    println!(
+        "[{label}] draining {:.1?} after `migrate`",
+        started.elapsed()
+    );
+    print_offload(label, "draining", &s2);
+    let (status, info) = rig.migration_status(&mut qmp);
+    assert!(
+        status == "active" || status == "setup",
+        "[{label}] migration is {status:?}, not active: {info}\n--- vsnoop log:\n{}\n{}",
+        rig.vsnoop.log_text(),
+        rig.guest.diagnostics()
+    );
+    // QEMU acked VHOST_F_LOG_ALL (bit 26) in SET_FEATURES.
+    let log = rig.vsnoop.log_text();
+    let log_all_acked = log
+        .lines()
+        .filter_map(|l| l.split("features acked 0x").nth(1))
+        .filter_map(|rest| rest.split(':').next())
+        .filter_map(|hex| u64::from_str_radix(hex, 16).ok())
+        .any(|f| f & (1 << 26) != 0);
+    assert!(
+        log_all_acked,
+        "[{label}] no SET_FEATURES with VHOST_F_LOG_ALL in vsnoop's log:\n{log}"
+    );
+
+    // Draining: data still arrives intact, but no new early ACKs.
+    rig.send_ok("2 MiB during the migration", 2 * MIB, &sink_opts());
+    let s3 = rig.stats();
+    checks.check(
+        early(&s3) == early(&s2),
+        format!(
+            "early ACKs while draining: {} -> {}",
+            early(&s2),
+            early(&s3)
+        ),
+    );
+    let (status, info) = rig.migration_status(&mut qmp);
+    assert_eq!(
+        status, "active",
+        "[{label}] migration not active before the cancel (raise the throttle?): {info}"
+    );
+    println!(
+        "[{label}] migration {status} after {:.1?}, ram {}",
+        started.elapsed(),
+        info.get("ram").unwrap_or(&Value::Null)
+    );
+
+    rig.qmp_ok(&mut qmp, "migrate_cancel", json!({}));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, info) = rig.migration_status(&mut qmp);
+        if status == "cancelled" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline && status != "failed" && status != "completed",
+            "[{label}] after migrate_cancel the migration is {status:?}: {info}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    let s4 = rig.wait_stats(
+        "offload.draining false after `migrate_cancel`",
+        Duration::from_secs(60),
+        |s| draining(s) == Some(false),
+    );
+    print_offload(label, "after the cancel", &s4);
+    checks.check(
+        off(&s4, "drains") == Some(1),
+        format!("drains is {:?} after one migration", off(&s4, "drains")),
+    );
+    rig.vsnoop
+        .wait_for_log("VHOST_F_LOG_ALL cleared", Duration::from_secs(10));
+
+    // The guest still works and early ACKs resume.
+    rig.send_ok("4 MiB after the cancel", 4 * MIB, &sink_opts());
+    let s5 = rig.stats();
+    checks.check(
+        early(&s5) > early(&s4),
+        format!(
+            "early ACKs did not resume after the cancel: {} -> {}",
+            early(&s4),
+            early(&s5)
+        ),
+    );
+    let events: Vec<String> = qmp
+        .events
+        .iter()
+        .filter_map(|e| e.get("event").and_then(Value::as_str).map(str::to_string))
+        .collect();
+    println!("[{label}] QMP events: {events:?}");
+    let stderr = rig.guest.stderr_text();
+    println!("[{label}] QEMU stderr: {:?}", stderr.trim());
+    // What reached vsnoop (the requests only with RUST_LOG=debug):
+    // SET_FEATURES 2, SET_LOG_BASE 6, SET_VRING_ADDR 9.
+    for line in rig.vsnoop.log_text().lines().filter(|l| {
+        l.contains("features acked")
+            || l.contains("VHOST_F_LOG_ALL")
+            || ["request 2 ", "request 6 ", "request 9 "]
+                .iter()
+                .any(|r| l.contains(r))
+    }) {
+        println!("[{label}] vsnoop: {line}");
+    }
+    rig.guest_health();
+    checks.finish();
 }
 
 fn sink_opts() -> SendOptions {

@@ -4,14 +4,15 @@
 
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vsnoop::net::chain::{collect_segments, Access};
+use vsnoop::GuestMemory;
 
 const MEM: usize = 0x2_0000;
 const QSIZE: u16 = 16;
 
 fuzz_target!(|data: &[u8]| {
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
+    let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
     // Descriptor table at 0, avail ring at 0x1000, used ring at 0x2000; the
     // rest of memory (indirect tables, buffers) is fuzz data too.
     let n = data.len().min(MEM);

@@ -961,14 +961,15 @@ fn encode_epb(
 mod tests {
     use super::*;
     use crate::net::chain::Segment;
+    use crate::GuestMemory;
     use pcap_file::pcapng::blocks::enhanced_packet::{EnhancedPacketBlock, EnhancedPacketOption};
     use pcap_file::pcapng::{Block, PcapNgReader};
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use vm_memory::{Bytes, GuestAddress};
 
     /// A 12-byte virtio-net header and a `frame_len`-byte frame (0, 1, 2,
     /// ...) at 0x1000 in fresh guest memory, and the segment holding them.
-    fn packet_in_memory(frame_len: u8) -> (GuestMemoryMmap, Vec<u8>, [Segment; 1]) {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+    fn packet_in_memory(frame_len: u8) -> (GuestMemory, Vec<u8>, [Segment; 1]) {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
         let mut packet = vec![0u8; 12];
         packet.extend(0..frame_len);
         mem.write_slice(&packet, GuestAddress(0x1000)).unwrap();
@@ -1410,7 +1411,7 @@ mod tests {
     /// Puts `frame` behind a zeroed virtio-net header in guest memory and
     /// calls `f` with a view of it.
     fn with_view(frame: &[u8], f: impl FnOnce(&PacketView<'_>)) {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
         let mut packet = vec![0u8; 12];
         packet.extend_from_slice(frame);
         mem.write_slice(&packet, GuestAddress(0x1000)).unwrap();

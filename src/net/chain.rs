@@ -10,8 +10,9 @@
 
 use std::ops::Deref;
 
+use crate::GuestMemory;
 use virtio_queue::DescriptorChain;
-use vm_memory::{Address, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, GuestAddress};
 
 use super::push_iovecs;
 
@@ -55,13 +56,13 @@ pub enum Access {
 /// length. On error `iov` is left as it was.
 pub fn collect_segments<M>(
     chain: DescriptorChain<M>,
-    mem: &GuestMemoryMmap,
+    mem: &GuestMemory,
     access: Access,
     segments: &mut Vec<Segment>,
     iov: &mut Vec<libc::iovec>,
 ) -> Result<u32, ChainError>
 where
-    M: Deref<Target = GuestMemoryMmap>,
+    M: Deref<Target = GuestMemory>,
 {
     let iov_start = iov.len();
     let result = walk(chain, mem, access, segments, iov);
@@ -73,13 +74,13 @@ where
 
 fn walk<M>(
     chain: DescriptorChain<M>,
-    mem: &GuestMemoryMmap,
+    mem: &GuestMemory,
     access: Access,
     segments: &mut Vec<Segment>,
     iov: &mut Vec<libc::iovec>,
 ) -> Result<u32, ChainError>
 where
-    M: Deref<Target = GuestMemoryMmap>,
+    M: Deref<Target = GuestMemory>,
 {
     segments.clear();
     let mut total: u32 = 0;
@@ -124,17 +125,18 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::GuestMemory;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::QueueOwnedT;
-    use vm_memory::{Bytes, GuestMemoryMmap};
+    use vm_memory::Bytes;
 
     const WRITE: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
     const NEXT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
     const INDIRECT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16;
 
-    fn memory() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
+    fn memory() -> GuestMemory {
+        GuestMemory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
     }
 
     /// Lays out `descs` as one chain at the head of a mock queue and collects it.
@@ -143,7 +145,7 @@ mod tests {
     }
 
     fn collect_in(
-        mem: &GuestMemoryMmap,
+        mem: &GuestMemory,
         descs: &[RawDescriptor],
         access: Access,
     ) -> (Result<u32, ChainError>, Vec<Segment>) {

@@ -16,10 +16,12 @@ use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use vhost_user_backend::VringRwLock;
+use vm_memory::bitmap::Bitmap;
 use vm_memory::{
-    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    MemoryRegionAddress,
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress,
 };
+
+use crate::GuestMemory;
 
 use crate::metrics::QueueMetrics;
 use crate::offload::OffloadPort;
@@ -30,7 +32,7 @@ use tx::TxState;
 use vnet_hdr::Negotiated;
 
 /// The vring type the backend uses.
-pub type Vring = VringRwLock;
+pub type Vring = VringRwLock<vm_memory::GuestMemoryAtomic<GuestMemory>>;
 
 /// Frames handled between two used-ring publications / guest notifications.
 pub const BATCH: usize = 64;
@@ -193,7 +195,7 @@ unsafe impl Send for IovecBuf {}
 /// bytes covered, which is less than asked only when some bytes are not
 /// guest memory. Callers enforce IOV_MAX.
 pub fn push_iovecs(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMemory,
     segments: &[Segment],
     mut len: usize,
     iov: &mut Vec<libc::iovec>,
@@ -235,7 +237,7 @@ pub fn push_iovecs(
 
 /// Like [`push_iovecs`] for the bytes `[offset, offset + len)` of `segments`.
 pub fn push_iovecs_from(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMemory,
     segments: &[Segment],
     mut offset: usize,
     len: usize,
@@ -261,7 +263,7 @@ pub fn push_iovecs_from(
 }
 
 /// The host address of `[addr, addr + len)` if one region holds all of it.
-fn host_address(mem: &GuestMemoryMmap, addr: GuestAddress, len: usize) -> Option<*mut u8> {
+fn host_address(mem: &GuestMemory, addr: GuestAddress, len: usize) -> Option<*mut u8> {
     let region = mem.find_region(addr)?;
     let offset = addr.0 - region.start_addr().0;
     let end = offset.checked_add(len as u64)?;
@@ -271,9 +273,36 @@ fn host_address(mem: &GuestMemoryMmap, addr: GuestAddress, len: usize) -> Option
     region.get_host_address(MemoryRegionAddress(offset)).ok()
 }
 
+/// Marks the first `len` bytes of `segments` dirty in the migration log.
+///
+/// Only for bytes written behind vm-memory's back (readv into raw iovecs);
+/// its own writes log themselves. Callers skip it unless the frontend asked
+/// for logging (VHOST_F_LOG_ALL): each call takes the bitmap's lock.
+pub fn mark_dirty(mem: &GuestMemory, segments: &[Segment], mut len: usize) {
+    for seg in segments {
+        if len == 0 {
+            break;
+        }
+        let mut addr = seg.addr;
+        let mut left = (seg.len as usize).min(len);
+        len -= left;
+        // A segment may span regions (push_iovecs allows it).
+        while left > 0 {
+            let Some(region) = mem.find_region(addr) else {
+                break;
+            };
+            let offset = addr.0 - region.start_addr().0;
+            let n = (region.len() - offset).min(left as u64) as usize;
+            region.bitmap().mark_dirty(offset as usize, n);
+            left -= n;
+            addr = addr.unchecked_add(n as u64);
+        }
+    }
+}
+
 /// Copies `data` into `segments` starting `offset` bytes in; returns bytes copied.
 pub fn copy_to_segments(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMemory,
     segments: &[Segment],
     mut offset: usize,
     mut data: &[u8],
@@ -303,7 +332,7 @@ pub fn copy_to_segments(
 
 /// Copies bytes out of `segments` starting `offset` bytes in; returns bytes copied.
 pub fn copy_from_segments(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMemory,
     segments: &[Segment],
     mut offset: usize,
     buf: &mut [u8],
@@ -337,8 +366,8 @@ mod helper_tests {
     use super::*;
     use vm_memory::GuestAddress;
 
-    fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap()
+    fn mem() -> GuestMemory {
+        GuestMemory::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap()
     }
 
     fn segs() -> Vec<Segment> {

@@ -13,9 +13,9 @@
 use std::collections::VecDeque;
 use std::num::Wrapping;
 
+use crate::GuestMemory;
 use log::{debug, warn};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 
 use super::chain::{collect_segments, Access, ChainError, Segment};
 use super::used::UsedRing;
@@ -23,7 +23,8 @@ use super::vnet_hdr::{
     FLAG_DATA_VALID, FLAG_NEEDS_CSUM, HDR_LEN_V1, MAX_FRAME_LEN, NUM_BUFFERS_OFFSET,
 };
 use super::{
-    copy_from_segments, copy_to_segments, push_iovecs, IovecBuf, QueuePair, BATCH, IOV_MAX,
+    copy_from_segments, copy_to_segments, mark_dirty, push_iovecs, IovecBuf, QueuePair, BATCH,
+    IOV_MAX,
 };
 use crate::metrics::QueueMetrics;
 use crate::offload::wire::MAX_HEADERS;
@@ -123,7 +124,7 @@ impl RxState {
     }
 
     /// Re-resolves the held chains' iovecs if guest memory was remapped.
-    fn refresh_iovecs(&mut self, mem: &GuestMemoryMmap, mem_generation: u64) {
+    fn refresh_iovecs(&mut self, mem: &GuestMemory, mem_generation: u64) {
         if self.iov_mem_generation == mem_generation {
             return;
         }
@@ -157,13 +158,26 @@ impl RxState {
 
     /// Copies a whole packet (virtio-net header first) into the held chains
     /// from the front; the caller checked that they can hold it.
-    fn copy_into_held(&self, mem: &GuestMemoryMmap, packet: &[u8]) {
+    fn copy_into_held(&self, mem: &GuestMemory, packet: &[u8]) {
         let mut copied = 0;
         for chain in self.held.iter() {
             if copied == packet.len() {
                 break;
             }
             copied += copy_to_segments(mem, &chain.segments, 0, &packet[copied..]);
+        }
+    }
+
+    /// Marks the `len` bytes a readv put into the first `chains` held
+    /// chains dirty in the migration log (the read bypassed vm-memory).
+    fn mark_held_dirty(&self, mem: &GuestMemory, chains: usize, mut len: usize) {
+        for chain in self.held.iter().take(chains) {
+            if len == 0 {
+                break;
+            }
+            let this = len.min(chain.len as usize);
+            mark_dirty(mem, &chain.segments, this);
+            len -= this;
         }
     }
 
@@ -188,7 +202,7 @@ impl RxState {
     fn refill(
         &mut self,
         queue: &mut Queue,
-        mem: &GuestMemoryMmap,
+        mem: &GuestMemory,
         want: usize,
         hdr_len: usize,
         m: &QueueMetrics,
@@ -237,7 +251,7 @@ impl RxState {
 impl QueuePair {
     /// Moves frames from the tap into the RX ring until the tap is empty or
     /// the guest runs out of buffers; publishes and notifies once per batch.
-    pub fn process_rx(&mut self, mem: &GuestMemoryMmap, mem_generation: u64) -> RxStop {
+    pub fn process_rx(&mut self, mem: &GuestMemory, mem_generation: u64) -> RxStop {
         let Some((rx_vring, _)) = self.vrings.clone() else {
             return RxStop::NotRunning;
         };
@@ -264,11 +278,12 @@ impl QueuePair {
     }
 
     /// Delivers one frame; `Err` says why no frame was delivered.
-    fn receive_one(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<(), RxStop> {
+    fn receive_one(&mut self, queue: &mut Queue, mem: &GuestMemory) -> Result<(), RxStop> {
         let n = &self.negotiated;
         let hdr_len = n.hdr_len;
         let mergeable = n.mergeable;
         let max_packet = n.max_rx_packet();
+        let log_all = n.log_all;
         let m = self.metrics.clone();
         loop {
             let want = if mergeable { max_packet } else { 1 };
@@ -291,7 +306,12 @@ impl QueuePair {
                 if self.rx.pending == 0 && capacity >= max_packet && iov.len() <= IOV_MAX {
                     // Fast path: read straight into the held guest buffers.
                     match tap::readv(self.tap_fd, iov) {
-                        Ok(Some(len)) => (len, self.stamp()),
+                        Ok(Some(len)) => {
+                            if log_all {
+                                self.rx.mark_held_dirty(mem, chains, len);
+                            }
+                            (len, self.stamp())
+                        }
                         Ok(None) => return Err(RxStop::TapEmpty),
                         Err(e) => {
                             QueueMetrics::inc(&m.rx_tap_read_errors);
@@ -363,7 +383,7 @@ impl QueuePair {
     }
 
     /// Marks the chains holding a `len`-byte packet used.
-    fn publish(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap, len: usize, host_in: u64) {
+    fn publish(&mut self, queue: &mut Queue, mem: &GuestMemory, len: usize, host_in: u64) {
         let m = &self.metrics;
         let hdr_len = self.negotiated.hdr_len;
         let mut remaining = len;
@@ -471,7 +491,7 @@ impl QueuePair {
     /// Delivers frames the ACK offload queued for this pair's RX ring
     /// (custody re-delivery, resets). A frame that finds no buffers is
     /// dropped and counted: the offload retries on its own schedule.
-    fn deliver_offload_frames(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> usize {
+    fn deliver_offload_frames(&mut self, queue: &mut Queue, mem: &GuestMemory) -> usize {
         let Some(offload) = self.offload.clone() else {
             return 0;
         };
@@ -515,7 +535,7 @@ impl QueuePair {
 
     /// No room for the next frame: ask the guest to kick us when it posts
     /// buffers. `Ok` means it already has (the caller retries).
-    fn wait_for_buffers(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<(), RxStop> {
+    fn wait_for_buffers(&mut self, queue: &mut Queue, mem: &GuestMemory) -> Result<(), RxStop> {
         match queue.enable_notification(mem) {
             Ok(true) => Ok(()),
             Ok(false) => Err(RxStop::NoBuffers),
@@ -528,9 +548,11 @@ impl QueuePair {
 }
 
 /// Signals the guest if the ring's notification rules (EVENT_IDX) ask for it.
-pub(super) fn notify_guest<G>(used: &mut UsedRing, state: &mut G, mem: &GuestMemoryMmap)
+pub(super) fn notify_guest<G>(used: &mut UsedRing, state: &mut G, mem: &GuestMemory)
 where
-    G: std::ops::DerefMut<Target = vhost_user_backend::VringState>,
+    G: std::ops::DerefMut<
+        Target = vhost_user_backend::VringState<vm_memory::GuestMemoryAtomic<GuestMemory>>,
+    >,
 {
     if used.needs_notification(state.get_queue(), mem) {
         if let Err(e) = state.signal_used_queue() {

@@ -6,11 +6,12 @@
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 
-use vhost_user_backend::{VringRwLock, VringT};
+use crate::GuestMemory;
+use vhost_user_backend::VringT;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_CSUM, VIRTIO_NET_F_MRG_RXBUF};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryAtomic};
 
 use super::rx::RxStop;
 use super::vnet_hdr::Negotiated;
@@ -25,7 +26,7 @@ const INDIRECT: u16 = VRING_DESC_F_INDIRECT as u16;
 
 /// A minimal split-ring driver (the guest side).
 struct Driver {
-    mem: GuestMemoryMmap,
+    mem: GuestMemory,
     desc: u64,
     avail: u64,
     used: u64,
@@ -35,7 +36,7 @@ struct Driver {
 }
 
 impl Driver {
-    fn new(mem: &GuestMemoryMmap, base: u64) -> Self {
+    fn new(mem: &GuestMemory, base: u64) -> Self {
         Driver {
             mem: mem.clone(),
             desc: base,
@@ -93,8 +94,8 @@ impl Driver {
         out
     }
 
-    fn vring(&self, atomic: &GuestMemoryAtomic<GuestMemoryMmap>) -> VringRwLock {
-        let vring = <VringRwLock as VringT<_>>::new(atomic.clone(), QSIZE).unwrap();
+    fn vring(&self, atomic: &GuestMemoryAtomic<GuestMemory>) -> super::Vring {
+        let vring = <super::Vring as VringT<_>>::new(atomic.clone(), QSIZE).unwrap();
         vring.set_queue_size(QSIZE);
         vring
             .set_queue_info(self.desc, self.avail, self.used)
@@ -106,7 +107,7 @@ impl Driver {
 }
 
 struct Harness {
-    mem: GuestMemoryMmap,
+    mem: GuestMemory,
     rx: Driver,
     tx: Driver,
     pair: QueuePair,
@@ -135,7 +136,7 @@ fn seqpacket_pair() -> (OwnedFd, OwnedFd) {
 
 impl Harness {
     fn new(features: u64) -> Self {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
         let atomic = GuestMemoryAtomic::new(mem.clone());
         let rx = Driver::new(&mem, 0x0);
         let tx = Driver::new(&mem, 0x4000);

@@ -5,10 +5,10 @@
 //! memory (the tap uses the same header layout, so it passes through). Every
 //! chain is returned to the guest, sent or dropped, with length 0.
 
+use crate::GuestMemory;
 use log::warn;
 use vhost_user_backend::VringT;
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
 
 use super::chain::{collect_segments, Access, ChainError, Segment};
 use super::rx::notify_guest;
@@ -44,7 +44,7 @@ impl TxState {
 impl QueuePair {
     /// Sends every available TX chain to the tap, returns them to the guest,
     /// and notifies once per batch.
-    pub fn process_tx(&mut self, mem: &GuestMemoryMmap) {
+    pub fn process_tx(&mut self, mem: &GuestMemory) {
         let Some((_, tx_vring)) = self.vrings.clone() else {
             return;
         };
@@ -117,7 +117,7 @@ impl QueuePair {
     /// Validates one collected chain and writes it to the tap.
     fn transmit(
         &mut self,
-        mem: &GuestMemoryMmap,
+        mem: &GuestMemory,
         collected: Result<u32, ChainError>,
         mut stamps: TxStamps,
     ) {

@@ -11,8 +11,9 @@
 use std::num::Wrapping;
 use std::sync::atomic::{fence, Ordering};
 
+use crate::GuestMemory;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 /// VRING_AVAIL_F_NO_INTERRUPT.
 const AVAIL_F_NO_INTERRUPT: u16 = 1;
@@ -47,7 +48,7 @@ impl UsedRing {
     pub fn publish(
         &mut self,
         queue: &mut Queue,
-        mem: &GuestMemoryMmap,
+        mem: &GuestMemory,
         entries: &[(u16, u32)],
     ) -> Result<(), UsedError> {
         let size = queue.size();
@@ -93,7 +94,7 @@ impl UsedRing {
 
     /// Whether the guest wants an interrupt for what was published since the
     /// last call (virtio 1.x 2.7.10 with EVENT_IDX, else the avail flags).
-    pub fn needs_notification(&mut self, queue: &Queue, mem: &GuestMemoryMmap) -> bool {
+    pub fn needs_notification(&mut self, queue: &Queue, mem: &GuestMemory) -> bool {
         let new = Wrapping(queue.next_used());
         // The used-index store must be visible before we read the guest's
         // wishes, or an interrupt could be lost.
@@ -124,7 +125,7 @@ impl UsedRing {
 
 /// Writes consecutive used elements starting at ring slot `slot`.
 fn write_run(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMemory,
     ring: GuestAddress,
     slot: u16,
     elems: &[u8],
@@ -141,8 +142,8 @@ fn write_run(
 mod tests {
     use super::*;
 
-    fn setup(event_idx: bool) -> (GuestMemoryMmap, Queue) {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+    fn setup(event_idx: bool) -> (GuestMemory, Queue) {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
         let mut q = Queue::new(16).unwrap();
         q.set_size(16);
         q.set_desc_table_address(Some(0x0), Some(0));
@@ -153,7 +154,7 @@ mod tests {
         (mem, q)
     }
 
-    fn used_idx(mem: &GuestMemoryMmap) -> u16 {
+    fn used_idx(mem: &GuestMemory) -> u16 {
         mem.read_obj(GuestAddress(0x2002)).unwrap()
     }
 

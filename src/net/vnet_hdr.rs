@@ -74,6 +74,9 @@ pub struct Negotiated {
     pub host_tso6: bool,
     /// Guest may set the ECN bit on GSO frames.
     pub host_ecn: bool,
+    /// The frontend logs dirty pages (VHOST_F_LOG_ALL: migration running):
+    /// writes that bypass vm-memory must be marked dirty by hand.
+    pub log_all: bool,
 }
 
 impl Negotiated {
@@ -114,6 +117,7 @@ impl Negotiated {
             host_tso4: host_csum && has(features, VIRTIO_NET_F_HOST_TSO4),
             host_tso6: host_csum && has(features, VIRTIO_NET_F_HOST_TSO6),
             host_ecn: has(features, VIRTIO_NET_F_HOST_ECN),
+            log_all: features & crate::vhost_user::VHOST_F_LOG_ALL != 0,
         }
     }
 

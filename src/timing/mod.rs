@@ -7,7 +7,7 @@
 //! (`docs: delay-attribution.md`). When no hook is installed the data path
 //! takes no timestamps at all.
 
-use vm_memory::GuestMemoryMmap;
+use crate::GuestMemory;
 
 use crate::net::chain::Segment;
 use crate::net::copy_from_segments;
@@ -28,7 +28,7 @@ pub fn now_ns() -> u64 {
 /// A packet as it sits in guest memory (virtio-net header first).
 pub struct PacketView<'a> {
     /// Guest memory.
-    pub mem: &'a GuestMemoryMmap,
+    pub mem: &'a GuestMemory,
     /// The buffers holding the packet, in order (may extend past `len`).
     pub segments: &'a [Segment],
     /// Packet length including the virtio-net header.

@@ -9,8 +9,10 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
+use crate::GuestMemory;
 use log::{debug, error, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
@@ -19,7 +21,7 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF,
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -90,9 +92,8 @@ pub fn device_features(queue_pairs: usize) -> u64 {
         | (1 << VIRTIO_NET_F_GUEST_ECN)
         | (1 << VIRTIO_RING_F_EVENT_IDX)
         | (1 << VIRTIO_RING_F_INDIRECT_DESC)
-        // Accepted so the ACK offload sees migration start and end (rule 15).
-        // Without the LOG_SHMFD protocol feature QEMU never migrates us, so
-        // it never sets this bit; frontends that do get the drain.
+        // Migration: dirty logging (with the LOG_SHMFD protocol feature),
+        // and the ACK offload drains while it is on (rule 15).
         | VHOST_F_LOG_ALL
         | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
     if queue_pairs > 1 {
@@ -111,7 +112,7 @@ struct Shared {
     generation: AtomicU64,
     /// Bumped whenever the frontend changes the memory table.
     mem_generation: AtomicU64,
-    mem: RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
+    mem: RwLock<Option<GuestMemoryAtomic<GuestMemory>>>,
     /// The ACK offload engine.
     offload: Arc<OffloadPort>,
     /// One periodic timer per worker.
@@ -200,7 +201,7 @@ impl NetBackend {
     }
 
     /// A handle for connection `generation`, whose guest memory is `mem`.
-    pub fn for_connection(&self, generation: u64, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> Self {
+    pub fn for_connection(&self, generation: u64, mem: GuestMemoryAtomic<GuestMemory>) -> Self {
         *self.shared.mem.write().unwrap_or_else(|e| e.into_inner()) = Some(mem);
         self.shared.mem_generation.fetch_add(1, Ordering::AcqRel);
         self.shared.generation.store(generation, Ordering::Release);
@@ -242,7 +243,7 @@ impl NetBackend {
         }
     }
 
-    fn memory(&self) -> Option<vm_memory::GuestMemoryLoadGuard<GuestMemoryMmap>> {
+    fn memory(&self) -> Option<vm_memory::GuestMemoryLoadGuard<GuestMemory>> {
         self.shared
             .mem
             .read()
@@ -253,7 +254,8 @@ impl NetBackend {
 }
 
 impl VhostUserBackend for NetBackend {
-    type Bitmap = ();
+    // Dirty-page log for live migration (VHOST_USER_SET_LOG_BASE).
+    type Bitmap = BitmapMmapRegion;
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
@@ -307,13 +309,14 @@ impl VhostUserBackend for NetBackend {
         VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
     fn set_event_idx(&self, enabled: bool) {
         debug!("EVENT_IDX {}", if enabled { "on" } else { "off" });
     }
 
-    fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+    fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemory>) -> io::Result<()> {
         // The handler updates the GuestMemoryAtomic we share with it; held
         // RX chains re-resolve their host addresses on the next pass.
         self.shared.mem_generation.fetch_add(1, Ordering::AcqRel);

@@ -289,6 +289,12 @@ fn relay_requests(
     reorder: &mut EnableReorder,
 ) -> io::Result<()> {
     while let Some(msg) = read_message(from)? {
+        debug!(
+            "frontend request {} ({} bytes, {} fds)",
+            msg.request,
+            msg.payload.len(),
+            msg.fds.len()
+        );
         match reorder.on_frontend_message(&msg) {
             Action::Forward => write_message(to, &msg)?,
             Action::ForwardThenEnable(rings) => {

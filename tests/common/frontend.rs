@@ -683,6 +683,8 @@ pub struct Options {
     pub gpa_base: u64,
     /// Ack REPLY_ACK (if offered) and ask for replies to SET_* requests.
     pub reply_ack: bool,
+    /// Ack LOG_SHMFD (if offered): dirty logging for migration.
+    pub log_shmfd: bool,
 }
 
 impl Default for Options {
@@ -695,6 +697,7 @@ impl Default for Options {
             mem_size: 64 << 20,
             gpa_base: 0x4000_0000,
             reply_ack: true,
+            log_shmfd: false,
         }
     }
 }
@@ -801,6 +804,9 @@ impl TestFrontend {
         let mut want = VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::CONFIG;
         if self.opts.reply_ack {
             want |= VhostUserProtocolFeatures::REPLY_ACK;
+        }
+        if self.opts.log_shmfd {
+            want |= VhostUserProtocolFeatures::LOG_SHMFD;
         }
         VhostUserProtocolFeatures::from_bits_truncate(want.bits() & self.protocol_offered)
     }

@@ -150,6 +150,8 @@ pub struct GuestConfig {
     pub device_opts: String,
     /// Appended to the kernel command line.
     pub append: String,
+    /// Appended to QEMU's arguments (e.g. `-qmp unix:PATH,server=on,wait=off`).
+    pub extra_args: Vec<String>,
 }
 
 impl GuestConfig {
@@ -161,6 +163,7 @@ impl GuestConfig {
             mem_mb: 256,
             device_opts: String::new(),
             append: String::new(),
+            extra_args: Vec::new(),
         }
     }
 
@@ -230,6 +233,7 @@ impl GuestConfig {
             device.push_str(self.device_opts.trim_start_matches(','));
         }
         args.extend(["-device".into(), device]);
+        args.extend(self.extra_args.iter().cloned());
         args
     }
 }

@@ -11,6 +11,8 @@ pub mod frontend;
 
 pub mod netem;
 
+pub mod qmp;
+
 pub mod sink;
 
 use std::collections::HashMap;
