@@ -311,8 +311,8 @@ pub struct Flow {
     /// In the engine's list of flows that may owe bytes (the engine adds a
     /// flow when it starts owing and drops it lazily, on its timer).
     pub(super) in_owed: bool,
-    /// Engine-wide unique number, so a list entry of a forgotten flow never
-    /// matches a later flow with the same key.
+    /// Number from a process-wide counter, so a list entry of a forgotten
+    /// flow never matches a later flow with the same key.
     pub(super) id: u32,
 }
 

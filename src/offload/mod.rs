@@ -840,7 +840,9 @@ fn new_flow(
     Some(flow)
 }
 
-/// Source of [`Flow::id`]s (unique in the process).
+/// Source of [`Flow::id`]s. It wraps after 2^32 flows, far more than are
+/// created between two timer ticks, which is as long as an owed entry of a
+/// forgotten flow lives.
 static NEXT_FLOW_ID: AtomicU32 = AtomicU32::new(1);
 
 /// The engine as the daemon shares it: one lock, counters outside it, and a
