@@ -453,11 +453,14 @@ impl QueuePair {
             offload_state = flow.map(|f| (engine, f));
         }
         // All buffers of the packet become visible to the guest at once.
-        if self.rx.used.publish(queue, mem, &self.rx.entries).is_err() {
+        let published = self.rx.used.publish(queue, mem, &self.rx.entries).is_ok();
+        if !published {
             QueueMetrics::inc(&m.bad_head_index);
         }
-        // Rule 3: the early ACK only once the used index is published.
-        if let Some((mut engine, flow)) = offload_state {
+        // Rule 3: the early ACK only once the used index is published (if
+        // the guest may not see the whole frame, no ACK: custody and the
+        // guest's own ACKs take it from there).
+        if let Some((mut engine, flow)) = offload_state.filter(|_| published) {
             self.rx.ack_frame.clear();
             if engine.remote_published(&flow, &mut self.rx.ack_frame) {
                 drop(engine);

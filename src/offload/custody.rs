@@ -4,37 +4,42 @@
 
 use super::wire::seq_lt;
 
-/// Bytes `[start, start + len)` of one flow's stream toward the guest.
+/// Bytes `[start, start + len)` of one flow's stream toward the guest, in a
+/// ring: trimming what the guest acknowledged moves an index, never bytes
+/// (a bulk flow trims on every guest ACK; compacting a linear buffer copied
+/// each byte a second time).
 #[derive(Debug, Default)]
 pub struct Custody {
-    /// Bytes `[head, end)` are held; the bytes past `end` are stale but
-    /// initialized, so the next append overwrites them instead of
-    /// zero-filling new ones.
+    /// The ring: empty, or a power of two long, every byte initialized (the
+    /// next append overwrites stale bytes instead of zero-filling new ones).
     buf: Vec<u8>,
     /// Index in `buf` of the byte at `start`.
     head: usize,
-    /// Index in `buf` just past the last byte held.
-    end: usize,
+    /// Bytes held.
+    len: usize,
     /// Sequence number of the first byte held.
     start: u32,
     /// False once a byte between `start` and the delivered edge is missing.
     incomplete: bool,
 }
 
+/// Smallest ring allocated (bytes): a few full-sized segments.
+const MIN_RING: usize = 8 * 1024;
+
 impl Custody {
     /// Bytes held.
     pub fn len(&self) -> usize {
-        self.end - self.head
+        self.len
     }
 
     /// Nothing held.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.len == 0
     }
 
     /// Sequence number just past the last byte held.
     pub fn end(&self) -> u32 {
-        self.start.wrapping_add(self.len() as u32)
+        self.start.wrapping_add(self.len as u32)
     }
 
     /// Whether every byte from `start` to `end` is held.
@@ -46,7 +51,7 @@ impl Custody {
     /// memory until [`Custody::take_buffer`] takes it.
     pub fn reset(&mut self, seq: u32) {
         self.head = 0;
-        self.end = 0;
+        self.len = 0;
         self.start = seq;
         self.incomplete = false;
     }
@@ -59,7 +64,6 @@ impl Custody {
     pub fn take_buffer(&mut self) -> Option<Vec<u8>> {
         (self.is_empty() && self.buf.capacity() > 0).then(|| {
             self.head = 0;
-            self.end = 0;
             std::mem::take(&mut self.buf)
         })
     }
@@ -70,12 +74,16 @@ impl Custody {
     }
 
     /// Gives an unbuffered custody the buffer `buf` (its contents are
-    /// stale: only bytes appended from now on are held).
-    pub fn give_buffer(&mut self, buf: Vec<u8>) {
-        debug_assert!(self.unbuffered());
+    /// stale: only bytes appended from now on are held). A buffer whose
+    /// length is not a power of two is cut to the largest one that fits.
+    pub fn give_buffer(&mut self, mut buf: Vec<u8>) {
+        debug_assert!(self.unbuffered() && self.is_empty());
+        if !buf.len().is_power_of_two() {
+            let fits = buf.len().checked_ilog2().map_or(0, |b| 1 << b);
+            buf.truncate(fits);
+        }
         self.buf = buf;
         self.head = 0;
-        self.end = 0;
     }
 
     /// Marks the copy as having a gap (a byte could not be kept).
@@ -83,18 +91,57 @@ impl Custody {
         self.incomplete = true;
     }
 
-    /// Appends `len` bytes at `end()`, filled by `fill`; returns bytes kept.
-    pub fn append(&mut self, len: usize, fill: impl FnOnce(&mut [u8]) -> usize) -> usize {
-        let at = self.end;
-        if self.buf.len() < at + len {
-            self.buf.resize(at + len, 0);
+    /// Appends `n` bytes at `end()`. `fill(offset, buf)` fills `buf` with
+    /// the appended bytes from `offset` on (once, or twice where the ring
+    /// wraps) and returns how many it wrote; returns the bytes kept.
+    pub fn append(&mut self, n: usize, mut fill: impl FnMut(usize, &mut [u8]) -> usize) -> usize {
+        if n == 0 {
+            return 0;
         }
-        let got = fill(&mut self.buf[at..at + len]).min(len);
-        self.end = at + got;
-        if got < len {
+        if self.len + n > self.buf.len() {
+            self.grow(self.len + n);
+        }
+        let size = self.buf.len();
+        let tail = (self.head + self.len) & (size - 1);
+        let first = n.min(size - tail);
+        let mut got = fill(0, &mut self.buf[tail..tail + first]).min(first);
+        if got == first && first < n {
+            got += fill(first, &mut self.buf[..n - first]).min(n - first);
+        }
+        self.len += got;
+        if got < n {
             self.incomplete = true;
         }
         got
+    }
+
+    /// Grows the ring to at least `need` bytes in place (the allocator may
+    /// extend it without a copy; only the new part is zero-filled), then
+    /// moves the part that wrapped to just past the old end.
+    #[cold]
+    fn grow(&mut self, need: usize) {
+        let old = self.buf.len();
+        let size = need.max(MIN_RING).next_power_of_two();
+        self.buf.resize(size, 0);
+        // The new size is at least twice the old one, so the wrapped part
+        // (shorter than the old ring) fits past the old end.
+        let wrapped = (self.head + self.len).saturating_sub(old);
+        if wrapped > 0 {
+            self.buf.copy_within(..wrapped, old);
+        }
+    }
+
+    /// The bytes held, in order, as the ring's two parts.
+    fn held_slices(&self) -> (&[u8], &[u8]) {
+        if self.len == 0 {
+            return (&[], &[]);
+        }
+        let size = self.buf.len();
+        let first = self.len.min(size - self.head);
+        (
+            &self.buf[self.head..self.head + first],
+            &self.buf[..self.len - first],
+        )
     }
 
     /// Drops bytes below `seq` (the guest acknowledged them).
@@ -103,30 +150,36 @@ impl Custody {
             return;
         }
         let drop = seq.wrapping_sub(self.start) as usize;
-        if drop >= self.len() {
-            let complete = self.complete() && drop == self.len();
+        if drop >= self.len {
+            let complete = self.complete() && drop == self.len;
             self.reset(seq);
             self.incomplete = !complete;
             return;
         }
-        self.head += drop;
+        self.head = (self.head + drop) & (self.buf.len() - 1);
+        self.len -= drop;
         self.start = seq;
-        // Compact once the dead prefix dominates, so memory follows the window.
-        if self.head > 64 * 1024 && self.head * 2 > self.end {
-            self.buf.drain(..self.head);
-            self.end -= self.head;
-            self.head = 0;
-        }
     }
 
-    /// The held bytes from `seq` on, at most `max` of them.
-    pub fn bytes_from(&self, seq: u32, max: usize) -> &[u8] {
+    /// Appends the held bytes from `seq` on, at most `max` of them, to
+    /// `out`; returns how many.
+    pub fn copy_from(&self, seq: u32, max: usize, out: &mut Vec<u8>) -> usize {
         let off = seq.wrapping_sub(self.start) as usize;
-        if off >= self.len() {
-            return &[];
+        if off >= self.len {
+            return 0;
         }
-        let from = self.head + off;
-        &self.buf[from..(from + max).min(self.end)]
+        let n = max.min(self.len - off);
+        let (mut skip, mut rest) = (off, n);
+        for part in <[&[u8]; 2]>::from(self.held_slices()) {
+            if skip >= part.len() {
+                skip -= part.len();
+                continue;
+            }
+            let k = rest.min(part.len() - skip);
+            out.extend_from_slice(&part[skip..skip + k]);
+            (skip, rest) = (0, rest - k);
+        }
+        n
     }
 
     /// Heap bytes in use (the budget counts what is held, not capacity).
@@ -139,22 +192,30 @@ impl Custody {
 mod tests {
     use super::*;
 
+    /// A `fill` that copies from `src`, as the data path copies from guest memory.
+    fn fill_from(src: &[u8]) -> impl FnMut(usize, &mut [u8]) -> usize + '_ {
+        |off, b| {
+            b.copy_from_slice(&src[off..off + b.len()]);
+            b.len()
+        }
+    }
+
+    fn read(c: &Custody, seq: u32, max: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        assert_eq!(c.copy_from(seq, max, &mut out), out.len());
+        out
+    }
+
     #[test]
     fn appends_trims_and_reads_back_across_wrap() {
         let mut c = Custody::default();
         c.reset(u32::MAX - 2);
-        assert_eq!(
-            c.append(6, |b| {
-                b.copy_from_slice(b"abcdef");
-                6
-            }),
-            6
-        );
+        assert_eq!(c.append(6, fill_from(b"abcdef")), 6);
         assert_eq!(c.end(), 3);
-        assert_eq!(c.bytes_from(u32::MAX, 10), b"cdef");
+        assert_eq!(read(&c, u32::MAX, 10), b"cdef");
         c.trim(1);
         assert_eq!(c.len(), 2);
-        assert_eq!(c.bytes_from(1, 1), b"e");
+        assert_eq!(read(&c, 1, 1), b"e");
         assert!(c.complete());
         // Trimming past the end leaves a gap marker unless it lands exactly.
         c.trim(3);
@@ -167,7 +228,7 @@ mod tests {
     fn a_short_fill_marks_the_copy_incomplete() {
         let mut c = Custody::default();
         c.reset(0);
-        assert_eq!(c.append(10, |_| 4), 4);
+        assert_eq!(c.append(10, |_, _| 4), 4);
         assert_eq!(c.len(), 4);
         assert!(!c.complete());
     }
@@ -176,10 +237,7 @@ mod tests {
     fn trimming_below_start_is_ignored() {
         let mut c = Custody::default();
         c.reset(100);
-        c.append(3, |b| {
-            b.fill(1);
-            3
-        });
+        c.append(3, fill_from(&[1, 1, 1]));
         c.trim(50);
         assert_eq!(c.len(), 3);
     }
@@ -189,10 +247,7 @@ mod tests {
         let mut a = Custody::default();
         a.reset(0);
         assert!(a.unbuffered() && a.take_buffer().is_none());
-        a.append(4, |b| {
-            b.copy_from_slice(b"abcd");
-            4
-        });
+        a.append(4, fill_from(b"abcd"));
         // Bytes held: the buffer stays.
         assert!(a.take_buffer().is_none());
         a.trim(4);
@@ -202,11 +257,53 @@ mod tests {
         b.reset(100);
         b.give_buffer(buf);
         assert!(!b.unbuffered() && b.is_empty());
-        b.append(2, |x| {
-            x.copy_from_slice(b"yz");
-            2
-        });
-        assert_eq!(b.bytes_from(100, 10), b"yz");
+        b.append(2, fill_from(b"yz"));
+        assert_eq!(read(&b, 100, 10), b"yz");
         assert_eq!(b.held(), 2);
+    }
+
+    /// A stream pushed through the ring in uneven appends and trims, so it
+    /// wraps and grows many times: what comes back is the stream.
+    #[test]
+    fn the_ring_returns_the_stream_across_wraps_and_growth() {
+        let stream: Vec<u8> = (0..200_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        let mut c = Custody::default();
+        let isn = u32::MAX - 5_000; // the sequence space wraps too
+        c.reset(isn);
+        let (mut appended, mut acked) = (0usize, 0usize);
+        let mut step = 1usize;
+        while acked < stream.len() {
+            step = (step * 31 + 17) % 9_000 + 1;
+            let n = step.min(stream.len() - appended);
+            assert_eq!(c.append(n, fill_from(&stream[appended..appended + n])), n);
+            appended += n;
+            // Everything held reads back, from any point.
+            let mid = acked + (appended - acked) / 3;
+            let got = read(&c, isn.wrapping_add(mid as u32), 4_000);
+            assert_eq!(got, &stream[mid..(mid + 4_000).min(appended)]);
+            // The guest acknowledges most of it (all of it at the end).
+            acked = if appended == stream.len() {
+                appended
+            } else {
+                (acked + appended * 3) / 4
+            };
+            c.trim(isn.wrapping_add(acked as u32));
+            assert_eq!(c.len(), appended - acked);
+            assert!(c.complete());
+            // Memory follows what is held (at most ~12 KB here), not the stream.
+            assert!(c.buf.len() <= 16 * 1024, "ring of {} bytes", c.buf.len());
+        }
+        assert!(c.is_empty() && c.end() == isn.wrapping_add(stream.len() as u32));
+    }
+
+    #[test]
+    fn a_foreign_buffer_is_cut_to_a_power_of_two() {
+        let mut c = Custody::default();
+        c.reset(0);
+        c.give_buffer(vec![0; 10_000]);
+        assert_eq!(c.buf.len(), 8_192);
+        assert_eq!(c.append(9_000, |_, b| b.len()), 9_000);
+        assert_eq!(c.buf.len(), 16_384);
+        assert_eq!(c.append(0, |_, _| unreachable!()), 0);
     }
 }

@@ -866,7 +866,8 @@ impl Flow {
     /// built as the remote would have sent them. Returns the bytes covered.
     pub fn redelivery(&mut self, max_bytes: usize, out: &mut Vec<Vec<u8>>) -> usize {
         let want = (self.e.wrapping_sub(self.gack) as usize).min(max_bytes);
-        let data = self.custody.bytes_from(self.gack, want);
+        let mut data = Vec::with_capacity(want);
+        self.custody.copy_from(self.gack, want, &mut data);
         let mss = usize::from(self.guest_mss) - if self.timestamps { 12 } else { 0 };
         let t = &self.remote_template;
         let mut seq = self.gack;
