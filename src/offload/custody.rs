@@ -10,9 +10,15 @@ use super::wire::seq_lt;
 /// each byte a second time).
 #[derive(Debug, Default)]
 pub struct Custody {
-    /// The ring: empty, or a power of two long, every byte initialized (the
-    /// next append overwrites stale bytes instead of zero-filling new ones).
+    /// The ring's memory: `size` bytes of capacity, of which the first
+    /// `buf.len()` are initialized. Appends fill the ring from the start
+    /// before it wraps, so the initialized part only grows as far as the
+    /// bytes held ever reached; stale bytes are overwritten, never zeroed
+    /// again (a ring zero-filled to its power of two up front cost a second
+    /// write of every byte of a large burst).
     buf: Vec<u8>,
+    /// Ring size: 0, or a power of two no larger than `buf.capacity()`.
+    size: usize,
     /// Index in `buf` of the byte at `start`.
     head: usize,
     /// Bytes held.
@@ -64,6 +70,7 @@ impl Custody {
     pub fn take_buffer(&mut self) -> Option<Vec<u8>> {
         (self.is_empty() && self.buf.capacity() > 0).then(|| {
             self.head = 0;
+            self.size = 0;
             std::mem::take(&mut self.buf)
         })
     }
@@ -74,14 +81,12 @@ impl Custody {
     }
 
     /// Gives an unbuffered custody the buffer `buf` (its contents are
-    /// stale: only bytes appended from now on are held). A buffer whose
-    /// length is not a power of two is cut to the largest one that fits.
+    /// stale: only bytes appended from now on are held). The ring is the
+    /// largest power of two its capacity holds.
     pub fn give_buffer(&mut self, mut buf: Vec<u8>) {
         debug_assert!(self.unbuffered() && self.is_empty());
-        if !buf.len().is_power_of_two() {
-            let fits = buf.len().checked_ilog2().map_or(0, |b| 1 << b);
-            buf.truncate(fits);
-        }
+        self.size = buf.capacity().checked_ilog2().map_or(0, |b| 1 << b);
+        buf.truncate(self.size);
         self.buf = buf;
         self.head = 0;
     }
@@ -98,12 +103,17 @@ impl Custody {
         if n == 0 {
             return 0;
         }
-        if self.len + n > self.buf.len() {
+        if self.len + n > self.size {
             self.grow(self.len + n);
         }
-        let size = self.buf.len();
+        let size = self.size;
         let tail = (self.head + self.len) & (size - 1);
         let first = n.min(size - tail);
+        // Before the first wrap, the tail may reach past what is initialized
+        // (after it, everything is); the wrapped part lies below the tail.
+        if self.buf.len() < tail + first {
+            self.buf.resize(tail + first, 0);
+        }
         let mut got = fill(0, &mut self.buf[tail..tail + first]).min(first);
         if got == first && first < n {
             got += fill(first, &mut self.buf[..n - first]).min(n - first);
@@ -116,17 +126,20 @@ impl Custody {
     }
 
     /// Grows the ring to at least `need` bytes in place (the allocator may
-    /// extend it without a copy; only the new part is zero-filled), then
+    /// extend it without a copy; nothing new is zero-filled here), then
     /// moves the part that wrapped to just past the old end.
     #[cold]
     fn grow(&mut self, need: usize) {
-        let old = self.buf.len();
+        let old = self.size;
         let size = need.max(MIN_RING).next_power_of_two();
-        self.buf.resize(size, 0);
+        self.buf.reserve_exact(size - self.buf.len());
+        self.size = size;
         // The new size is at least twice the old one, so the wrapped part
-        // (shorter than the old ring) fits past the old end.
+        // (shorter than the old ring) fits past the old end. A ring that
+        // wrapped was initialized to its end.
         let wrapped = (self.head + self.len).saturating_sub(old);
         if wrapped > 0 {
+            self.buf.resize(old + wrapped, 0);
             self.buf.copy_within(..wrapped, old);
         }
     }
@@ -136,8 +149,7 @@ impl Custody {
         if self.len == 0 {
             return (&[], &[]);
         }
-        let size = self.buf.len();
-        let first = self.len.min(size - self.head);
+        let first = self.len.min(self.size - self.head);
         (
             &self.buf[self.head..self.head + first],
             &self.buf[..self.len - first],
@@ -156,7 +168,7 @@ impl Custody {
             self.incomplete = !complete;
             return;
         }
-        self.head = (self.head + drop) & (self.buf.len() - 1);
+        self.head = (self.head + drop) & (self.size - 1);
         self.len -= drop;
         self.start = seq;
     }
@@ -291,7 +303,8 @@ mod tests {
             assert_eq!(c.len(), appended - acked);
             assert!(c.complete());
             // Memory follows what is held (at most ~12 KB here), not the stream.
-            assert!(c.buf.len() <= 16 * 1024, "ring of {} bytes", c.buf.len());
+            assert!(c.size <= 16 * 1024, "ring of {} bytes", c.size);
+            assert!(c.buf.len() <= c.size && c.size <= c.buf.capacity());
         }
         assert!(c.is_empty() && c.end() == isn.wrapping_add(stream.len() as u32));
     }
@@ -300,10 +313,30 @@ mod tests {
     fn a_foreign_buffer_is_cut_to_a_power_of_two() {
         let mut c = Custody::default();
         c.reset(0);
-        c.give_buffer(vec![0; 10_000]);
-        assert_eq!(c.buf.len(), 8_192);
+        let mut foreign = Vec::with_capacity(10_000);
+        foreign.resize(9_500, 0);
+        c.give_buffer(foreign);
+        assert_eq!((c.size, c.buf.len()), (8_192, 8_192));
         assert_eq!(c.append(9_000, |_, b| b.len()), 9_000);
-        assert_eq!(c.buf.len(), 16_384);
+        // Grown to the next power of two, initialized only as far as used.
+        assert_eq!((c.size, c.buf.len()), (16_384, 9_000));
         assert_eq!(c.append(0, |_, _| unreachable!()), 0);
+    }
+
+    /// Growing a ring whose bytes wrap keeps them in order.
+    #[test]
+    fn a_wrapped_ring_grows_in_order() {
+        let stream: Vec<u8> = (0..40_000u32).map(|i| (i % 253) as u8).collect();
+        let mut c = Custody::default();
+        c.reset(0);
+        c.append(6_000, fill_from(&stream[..6_000]));
+        c.trim(5_000);
+        // 5000..9000 now wraps in the 8 KB ring.
+        c.append(3_000, fill_from(&stream[6_000..9_000]));
+        assert_eq!((c.size, c.head, c.len), (8_192, 5_000, 4_000));
+        // Past the ring: it grows twice over, the wrapped part moves.
+        c.append(31_000, fill_from(&stream[9_000..]));
+        assert_eq!(c.size, 65_536);
+        assert_eq!(read(&c, 5_000, usize::MAX), &stream[5_000..]);
     }
 }

@@ -21,12 +21,11 @@ pub mod wire;
 #[cfg(test)]
 mod tests;
 
-use std::collections::hash_map::Entry;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use ahash::AHashMap;
+use hashbrown::hash_table::{Entry, HashTable};
 use serde::Serialize;
 
 use flow::{Flow, FlowLimits, Mode, OfflineReason, PassReason, TxVerdict};
@@ -78,6 +77,75 @@ impl FlowKey {
             }
         }
     }
+}
+
+/// The flows by key: a hash table whose hash the caller can keep, so the
+/// early ACK that follows a data segment finds its flow without hashing the
+/// key again. The hash is keyed per table (ahash), so remote peers choosing
+/// addresses and ports cannot aim at one bucket.
+#[derive(Default)]
+struct FlowTable {
+    table: HashTable<(FlowKey, Flow)>,
+    hasher: ahash::RandomState,
+}
+
+impl FlowTable {
+    fn hash(&self, key: &FlowKey) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    fn get(&self, key: &FlowKey) -> Option<&Flow> {
+        self.table
+            .find(self.hash(key), |(k, _)| k == key)
+            .map(|(_, f)| f)
+    }
+
+    fn get_mut(&mut self, key: &FlowKey) -> Option<&mut Flow> {
+        self.get_mut_hashed(self.hash(key), key)
+    }
+
+    /// The flow `key`, whose hash is `hash` ([`FlowTable::hash`]).
+    fn get_mut_hashed(&mut self, hash: u64, key: &FlowKey) -> Option<&mut Flow> {
+        self.table.find_mut(hash, |(k, _)| k == key).map(|(_, f)| f)
+    }
+
+    fn entry(&mut self, hash: u64, key: &FlowKey) -> Entry<'_, (FlowKey, Flow)> {
+        let hasher = &self.hasher;
+        self.table
+            .entry(hash, |(k, _)| k == key, |(k, _)| hasher.hash_one(k))
+    }
+
+    fn remove(&mut self, key: &FlowKey) -> Option<Flow> {
+        let hash = self.hash(key);
+        self.table
+            .find_entry(hash, |(k, _)| k == key)
+            .ok()
+            .map(|e| e.remove().0 .1)
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(&mut Flow) -> bool) {
+        self.table.retain(|(_, f)| keep(f));
+    }
+
+    fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.table.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.table.clear();
+    }
+}
+
+/// What [`AckOffload::remote_rx`] hands to [`AckOffload::remote_published`]:
+/// the flow that got new bytes, and its hash (to find it again cheaply).
+#[derive(Clone, Copy, Debug)]
+pub struct RxToken {
+    key: FlowKey,
+    hash: u64,
 }
 
 /// Engine settings.
@@ -274,7 +342,7 @@ impl OffloadCounters {
 pub struct AckOffload {
     cfg: OffloadConfig,
     draining: bool,
-    flows: AHashMap<FlowKey, Flow>,
+    flows: FlowTable,
     /// Every flow with `Gack < E` (pinned; checked by the timer), by key and
     /// [`Flow::id`], plus flows that stopped owing or were forgotten since
     /// the last timer tick: adding a flow is a push and nothing is removed
@@ -322,7 +390,7 @@ impl AckOffload {
         AckOffload {
             cfg,
             draining: false,
-            flows: AHashMap::new(),
+            flows: FlowTable::default(),
             owed: Vec::new(),
             custody_bytes: 0,
             counters,
@@ -399,24 +467,26 @@ impl AckOffload {
 
     /// The flow `key`, learned from `seg` if it is new: one hash lookup on
     /// the per-packet path. `None` if the flow is not (and will not be) tracked.
+    #[allow(clippy::too_many_arguments)]
     fn flow_for<'a>(
-        flows: &'a mut AHashMap<FlowKey, Flow>,
+        flows: &'a mut FlowTable,
         cfg: &OffloadConfig,
         counters: &OffloadCounters,
         headers: &[u8],
         seg: &TcpSegment,
+        (key, hash): (&FlowKey, u64),
         from_guest: bool,
         now: u64,
     ) -> Option<&'a mut Flow> {
         let tracked = flows.len();
-        match flows.entry(FlowKey::of(seg, from_guest)) {
-            Entry::Occupied(o) => Some(o.into_mut()),
+        match flows.entry(hash, key) {
+            Entry::Occupied(o) => Some(&mut o.into_mut().1),
             Entry::Vacant(v) => {
                 let flow = new_flow(cfg, counters, tracked, headers, seg, from_guest, now)?;
                 counters
                     .flows_tracked
                     .store(tracked as u64 + 1, Ordering::Relaxed);
-                Some(v.insert(flow))
+                Some(&mut v.insert((*key, flow)).into_mut().1)
             }
         }
     }
@@ -457,6 +527,7 @@ impl AckOffload {
             return TxVerdict::Pass;
         };
         let key = FlowKey::of(&seg, true);
+        let hash = self.flows.hash(&key);
         let limits = self.limits();
         let Some(flow) = Self::flow_for(
             &mut self.flows,
@@ -464,6 +535,7 @@ impl AckOffload {
             &self.counters,
             headers,
             &seg,
+            (&key, hash),
             true,
             now,
         ) else {
@@ -532,15 +604,17 @@ impl AckOffload {
         checksum: RxChecksum,
         copy_payload: &mut dyn FnMut(usize, &mut [u8]) -> usize,
         now: u64,
-    ) -> Option<(FlowKey, u32)> {
+    ) -> Option<RxToken> {
         let seg = wire::parse(headers, frame_len)?;
         let key = FlowKey::of(&seg, false);
+        let hash = self.flows.hash(&key);
         let flow = Self::flow_for(
             &mut self.flows,
             &self.cfg,
             &self.counters,
             headers,
             &seg,
+            (&key, hash),
             false,
             now,
         )?;
@@ -619,18 +693,18 @@ impl AckOffload {
         self.note_mode(established);
         self.note_offline(offline.or(offline_late));
         self.publish_gauges();
-        (committed > 0 && self.cfg.enabled && !self.draining).then_some((key, committed))
+        (committed > 0 && self.cfg.enabled && !self.draining).then_some(RxToken { key, hash })
     }
 
     /// The frame `remote_rx` returned `flow` for is published: emit the early
     /// ACK if the rules allow (rule 3). Appends it to `out` (an Ethernet
     /// frame for the tap) and returns whether it did.
-    pub fn remote_published(&mut self, flow: &(FlowKey, u32), out: &mut Vec<u8>) -> bool {
+    pub fn remote_published(&mut self, token: &RxToken, out: &mut Vec<u8>) -> bool {
         if !self.cfg.enabled || self.draining {
             return false;
         }
         let limits = self.limits();
-        let Some(f) = self.flows.get_mut(&flow.0) else {
+        let Some(f) = self.flows.get_mut_hashed(token.hash, &token.key) else {
             return false;
         };
         let Some(acked) = f.early_ack(limits, out) else {
@@ -639,7 +713,7 @@ impl AckOffload {
         inc(&self.counters.early_acks);
         add(&self.counters.early_acked_bytes, u64::from(acked));
         let owes = f.owes();
-        Self::note_owing(&mut self.owed, flow.0, f, owes);
+        Self::note_owing(&mut self.owed, token.key, f, owes);
         true
     }
 
@@ -736,7 +810,7 @@ impl AckOffload {
         if now.saturating_sub(self.last_sweep) >= SWEEP_NS {
             self.last_sweep = now;
             let mut freed = 0usize;
-            self.flows.retain(|_, f| {
+            self.flows.retain(|f| {
                 let idle = now.saturating_sub(f.last_seen);
                 let open = f.active() || matches!(f.mode, Mode::Offline(_));
                 let limit = if open && !f.closing() {
