@@ -56,7 +56,7 @@
 #                     and the settings of the run
 #   PREFIX-cdf.svg    CDFs of the 100 KB transfers, one panel per contention
 #                     (cargo run --release --example ack_cdf), like Figure 5
-#   PREFIX-bulk.csv   every iperf3 run
+#   PREFIX-bulk.csv   every iperf3 run, with vsnoop's CPU time per MB received
 #   PREFIX-rows/      per row: vsnoop stats (--json), cgroup cpu.stat, logs
 # MB/s means 10^6 bytes per second; sizes are decimal (10K = 10 000 bytes).
 #
@@ -518,6 +518,7 @@ start_row() { # config contention
     [[ $DIGEST == f64 ]] && sink_args+=" -k f64"
     [[ -n ${sink_args// /} ]] && append+=" vsnoop.sinkargs=$(tr -s ' ' ',' <<<"${sink_args# }")"
     append+=" $GUEST_APPEND"
+    VSNOOP_PID=""
     ip netns add "$NS"
     ip netns exec "$NS" ip link set lo up
     for s in $HOST_SYSCTL; do ip netns exec "$NS" sysctl -qw "$s" >/dev/null; done
@@ -637,29 +638,46 @@ release_contention() { # contention
 
 qemu_cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$QEMU_PID/stat" 2>/dev/null || echo 0; }
 
-iperf_once() { # label -> prints Mbit/s
+# CPU time (user + system, clock ticks) of vsnoop, or 0 (vanilla rows).
+vsnoop_cpu_ticks() {
+    [[ -n ${VSNOOP_PID:-} ]] && awk '{ print $14 + $15 }' "/proc/$VSNOOP_PID/stat" 2>/dev/null || echo 0
+}
+
+iperf_once() { # label -> prints "Mbit/s,vsnoop CPU us per MB received" (CPU empty without vsnoop)
+    local t0 t1
+    t0=$(vsnoop_cpu_ticks)
     host iperf3 -c "$GUEST_IP" -t "$IPERF_TIME" -J >"$WORK/iperf.json" 2>&1 \
         || die "iperf3 ($1) failed: $(tail -5 "$WORK/iperf.json")"
-    "$PYTHON" -c 'import json,sys; d=json.load(open(sys.argv[1])); print("%.1f" % (d["end"]["sum_received"]["bits_per_second"] / 1e6))' \
-        "$WORK/iperf.json"
+    t1=$(vsnoop_cpu_ticks)
+    "$PYTHON" -c '
+import json, sys
+d = json.load(open(sys.argv[1]))["end"]["sum_received"]
+ticks, hz = int(sys.argv[2]), int(sys.argv[3])
+cpu = "%.1f" % (ticks / hz * 1e6 / (d["bytes"] / 1e6)) if sys.argv[4] == "1" else ""
+print("%.1f,%s" % (d["bits_per_second"] / 1e6, cpu))' \
+        "$WORK/iperf.json" "$((t1 - t0))" "$(getconf CLK_TCK)" "$([[ -n ${VSNOOP_PID:-} ]] && echo 1 || echo 0)"
 }
 
 set_offload() { "$VSNOOP" ack-offload --control "$WORK/control.sock" "$1" >/dev/null; }
 
 bulk() { # config
-    local config=$1 i mbps
+    local config=$1 i r order state
     for i in $(seq "$BULK_REPS"); do
-        mbps=$(iperf_once "$config")
-        echo "$config,per-boot,$i,$mbps" >>"$BULK_CSV"
-        log "  bulk $config #$i: $mbps Mbit/s"
+        r=$(iperf_once "$config")
+        echo "$config,per-boot,$i,$r" >>"$BULK_CSV"
+        log "  bulk $config #$i: ${r%,*} Mbit/s, vsnoop ${r#*,} CPU us/MB"
     done
     if [[ $config == on && $BULK_AB == 1 ]]; then
+        # Pairs in ABBA order (off-on, on-off, ...), so a drift of the
+        # machine over the series does not favour either state.
         for i in $(seq "$BULK_REPS"); do
-            for state in off on; do
+            order="off on"
+            ((i % 2 == 0)) && order="on off"
+            for state in $order; do
                 set_offload "$state"
-                mbps=$(iperf_once "ab-$state")
-                echo "$state,alternating,$i,$mbps" >>"$BULK_CSV"
-                log "  bulk alternating, offload $state #$i: $mbps Mbit/s"
+                r=$(iperf_once "ab-$state")
+                echo "$state,alternating,$i,$r" >>"$BULK_CSV"
+                log "  bulk alternating, offload $state #$i: ${r%,*} Mbit/s, vsnoop ${r#*,} CPU us/MB"
             done
         done
         set_offload on
@@ -747,7 +765,7 @@ PY
 mkdir -p "$OUT_DIR"
 rm -rf "$ROWDIR"
 echo "config,contention,size_bytes,rep,seconds,mb_per_s,status" >"$CSV"
-echo "config,kind,rep,mbit_per_s" >"$BULK_CSV"
+echo "config,kind,rep,mbit_per_s,vsnoop_cpu_us_per_mb" >"$BULK_CSV"
 n_rows=$(($(wc -w <<<"$CONFIGS") * $(wc -w <<<"$CONTENTIONS")))
 log "$n_rows rows: configurations [$CONFIGS] x contention [$CONTENTIONS]; size=count per row: $(sizes_plan)"
 log "results: $CSV, $MD${PLOTTER:+, $SVG}"
@@ -775,7 +793,7 @@ SETTINGS+=", guest sysctls: ${GUEST_SYSCTL:-none}, tcpsink options: ${SINK_ARGS:
 [[ -n $VSNOOP_ARGS ]] && SETTINGS+=", vsnoop args: $VSNOOP_ARGS"
 [[ $TCPSINK == standin ]] && SETTINGS+=", SINK: busybox stand-in (development only)"
 "$PYTHON" - "$CSV" "$BULK_CSV" "$SETTINGS" "$ELAPSED" "$(basename "$SVG")" "$PLOTTER" <<'PY' >"$MD"
-import collections, csv, datetime, os, statistics, sys
+import collections, csv, datetime, os, random, statistics, sys
 csv_path, bulk_path, settings, elapsed, svg, plotter = sys.argv[1:7]
 rows = list(csv.DictReader(open(csv_path)))
 def pct(v, q):
@@ -833,16 +851,22 @@ for c in order_c:
 bulk = list(csv.DictReader(open(bulk_path)))
 if bulk:
     print()
-    print("Bulk throughput host->guest, unthrottled (iperf3, Mbit/s): median (min–max) of the runs.")
+    print("Bulk throughput host->guest, unthrottled (iperf3): median (min–max) of the runs; "
+          "vsnoop's CPU time (user + system) per MB received.")
     print()
-    print("| measurement | runs | Mbit/s |")
-    print("|---|---:|---:|")
+    print("| measurement | runs | Mbit/s | vsnoop CPU us/MB |")
+    print("|---|---:|---:|---:|")
     groups = collections.defaultdict(list)
+    cpu = collections.defaultdict(list)
     for b in bulk:
         groups[(b["kind"], b["config"])].append(float(b["mbit_per_s"]))
+        if b.get("vsnoop_cpu_us_per_mb"):
+            cpu[(b["kind"], b["config"])].append(float(b["vsnoop_cpu_us_per_mb"]))
+    def span(v, fmt):
+        return f"{statistics.median(v):{fmt}} ({min(v):{fmt}}–{max(v):{fmt}})" if v else "-"
     for (kind, cfg), v in groups.items():
         label = names.get(cfg, cfg) + (" (own boot)" if kind == "per-boot" else ", alternating on one boot")
-        print(f"| {label} | {len(v)} | {statistics.median(v):.1f} ({min(v):.1f}–{max(v):.1f}) |")
+        print(f"| {label} | {len(v)} | {span(v, '.1f')} | {span(cpu.get((kind, cfg), []), '.0f')} |")
     def loss(a, b):
         if groups.get(a) and groups.get(b):
             return 100 * (1 - statistics.median(groups[a]) / statistics.median(groups[b]))
@@ -851,6 +875,30 @@ if bulk:
         l = loss(a, b)
         if l is not None:
             print(f"\nBulk loss with the offload on ({what}): {l:+.1f}% (target <= 2%; positive = slower with the offload).")
+    # Pairs on one boot: the ratio within each pair cancels the boot and
+    # most of the machine's drift; a bootstrap gives the median's 95% range.
+    pairs = collections.defaultdict(dict)
+    for b in bulk:
+        if b["kind"] == "alternating":
+            pairs[b["rep"]][b["config"]] = b
+    pairs = [p for p in pairs.values() if "on" in p and "off" in p]
+    if len(pairs) >= 3:
+        rnd = random.Random(1)
+        def paired(field):
+            r = [float(p["on"][field]) / float(p["off"][field]) for p in pairs
+                 if p["on"].get(field) and p["off"].get(field) and float(p["off"][field]) > 0]
+            if len(r) < 3:
+                return None
+            boot = sorted(statistics.median(rnd.choices(r, k=len(r))) for _ in range(2000))
+            return statistics.median(r), boot[50], boot[1949], len(r)
+        t = paired("mbit_per_s")
+        c = paired("vsnoop_cpu_us_per_mb")
+        if t:
+            print(f"\nPaired on/off (alternating, {t[3]} pairs): throughput ratio median {t[0]:.3f} "
+                  f"(95% bootstrap range of the median {t[1]:.3f}–{t[2]:.3f}), i.e. a loss of "
+                  f"{100 * (1 - t[0]):+.1f}% ({100 * (1 - t[2]):+.1f}% to {100 * (1 - t[1]):+.1f}%).")
+        if c:
+            print(f"vsnoop CPU per MB, on/off: median {c[0]:.3f} ({c[1]:.3f}–{c[2]:.3f}).")
 if plotter:
     print()
     print(f"CDF of the 100 KB transfers: `{svg}`.")

@@ -29,8 +29,10 @@ pub struct Custody {
     incomplete: bool,
 }
 
-/// Smallest ring allocated (bytes): a few full-sized segments.
-const MIN_RING: usize = 8 * 1024;
+/// Smallest ring allocated (bytes): one full-sized segment. Flows that get a
+/// segment now and then (many flows) keep a small footprint; a bulk flow
+/// doubles its way up.
+const MIN_RING: usize = 2048;
 
 impl Custody {
     /// Bytes held.

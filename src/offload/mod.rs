@@ -142,7 +142,7 @@ impl FlowTable {
 
 /// What [`AckOffload::remote_rx`] hands to [`AckOffload::remote_published`]:
 /// the flow that got new bytes, and its hash (to find it again cheaply).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RxToken {
     key: FlowKey,
     hash: u64,
