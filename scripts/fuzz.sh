@@ -19,7 +19,7 @@ for target in $(cargo fuzz list); do
     if [ "$status" != 0 ]; then
         tail -n 60 "$log"
         rm -f "$log"
-        echo "fuzz.sh: $target failed (exit $status); the crashing input is under fuzz/artifacts/$target/" >&2
+        echo "fuzz.sh: $target failed (exit $status): a build error above, or a crash whose input is under fuzz/artifacts/$target/" >&2
         exit 1
     fi
     rm -f "$log"

@@ -46,7 +46,7 @@ use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use vsnoop::offload::flow::TxVerdict;
 use vsnoop::offload::wire::{self, flags, option, IpVersion, TcpSegment, MAX_HEADERS};
-use vsnoop::offload::{AckOffload, OffloadConfig, OffloadCounters, RxChecksum};
+use vsnoop::offload::{AckOffload, OffloadConfig, OffloadCounters, RxChecksum, RxToken};
 
 const SLOTS: usize = 4;
 const MAX_OPS: usize = 384;
@@ -828,7 +828,7 @@ struct Run {
     queues: usize,
     slots: Vec<Slot>,
     now: u64,
-    token: Option<(vsnoop::offload::FlowKey, u32)>,
+    token: Option<RxToken>,
 }
 
 /// `OFFLOAD_FUZZ_TRACE=1`: print every operation (to read a crash).
@@ -997,7 +997,7 @@ impl Run {
         }
     }
 
-    fn publish(&mut self, token: (vsnoop::offload::FlowKey, u32)) {
+    fn publish(&mut self, token: RxToken) {
         let mut out = vec![];
         let sent = self.eng.remote_published(&token, &mut out);
         assert_eq!(
