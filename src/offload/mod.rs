@@ -140,8 +140,9 @@ impl FlowTable {
     }
 }
 
-/// What [`AckOffload::remote_rx`] hands to [`AckOffload::remote_published`]:
-/// the flow that got new bytes, and its hash (to find it again cheaply).
+/// A flow's key and its hash: what [`AckOffload::remote_rx`] hands to
+/// [`AckOffload::remote_published`] (the flow that got new bytes), so the
+/// early ACK finds it without hashing the key again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RxToken {
     key: FlowKey,
@@ -465,28 +466,30 @@ impl AckOffload {
             .store(self.custody_bytes as u64, Ordering::Relaxed);
     }
 
-    /// The flow `key`, learned from `seg` if it is new: one hash lookup on
-    /// the per-packet path. `None` if the flow is not (and will not be) tracked.
-    #[allow(clippy::too_many_arguments)]
+    /// The flow of `seg`, learned from it if it is new, with its key and
+    /// hash: one hash lookup on the per-packet path. `None` if the flow is
+    /// not (and will not be) tracked.
     fn flow_for<'a>(
         flows: &'a mut FlowTable,
         cfg: &OffloadConfig,
         counters: &OffloadCounters,
         headers: &[u8],
         seg: &TcpSegment,
-        (key, hash): (&FlowKey, u64),
         from_guest: bool,
         now: u64,
-    ) -> Option<&'a mut Flow> {
+    ) -> Option<(RxToken, &'a mut Flow)> {
+        let key = FlowKey::of(seg, from_guest);
+        let hash = flows.hash(&key);
+        let token = RxToken { key, hash };
         let tracked = flows.len();
-        match flows.entry(hash, key) {
-            Entry::Occupied(o) => Some(&mut o.into_mut().1),
+        match flows.entry(hash, &key) {
+            Entry::Occupied(o) => Some((token, &mut o.into_mut().1)),
             Entry::Vacant(v) => {
                 let flow = new_flow(cfg, counters, tracked, headers, seg, from_guest, now)?;
                 counters
                     .flows_tracked
                     .store(tracked as u64 + 1, Ordering::Relaxed);
-                Some(&mut v.insert((*key, flow)).into_mut().1)
+                Some((token, &mut v.insert((key, flow)).into_mut().1))
             }
         }
     }
@@ -526,16 +529,13 @@ impl AckOffload {
         let Some(seg) = wire::parse(headers, frame_len) else {
             return TxVerdict::Pass;
         };
-        let key = FlowKey::of(&seg, true);
-        let hash = self.flows.hash(&key);
         let limits = self.limits();
-        let Some(flow) = Self::flow_for(
+        let Some((RxToken { key, .. }, flow)) = Self::flow_for(
             &mut self.flows,
             &self.cfg,
             &self.counters,
             headers,
             &seg,
-            (&key, hash),
             true,
             now,
         ) else {
@@ -606,18 +606,16 @@ impl AckOffload {
         now: u64,
     ) -> Option<RxToken> {
         let seg = wire::parse(headers, frame_len)?;
-        let key = FlowKey::of(&seg, false);
-        let hash = self.flows.hash(&key);
-        let flow = Self::flow_for(
+        let (token, flow) = Self::flow_for(
             &mut self.flows,
             &self.cfg,
             &self.counters,
             headers,
             &seg,
-            (&key, hash),
             false,
             now,
         )?;
+        let key = token.key;
         if flow.inert() {
             flow.last_seen = now;
             if seg.has(flags::RST) {
@@ -693,7 +691,7 @@ impl AckOffload {
         self.note_mode(established);
         self.note_offline(offline.or(offline_late));
         self.publish_gauges();
-        (committed > 0 && self.cfg.enabled && !self.draining).then_some(RxToken { key, hash })
+        (committed > 0 && self.cfg.enabled && !self.draining).then_some(token)
     }
 
     /// The frame `remote_rx` returned `flow` for is published: emit the early
