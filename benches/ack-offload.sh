@@ -129,6 +129,17 @@
 #   GUEST_APPEND  [""]   more kernel command line words
 #   HOST_SYSCTL   ["net.ipv4.tcp_no_metrics_save=1"] sysctls of the namespace
 #                        (each transfer starts from a clean slow start)
+#   SENDER_CC     [cubic] the sender's congestion control, set per socket
+#                        (TCP_CONGESTION; iperf3 -C): cubic is Linux's default
+#                        and what the paper's senders ran (BIC/CUBIC). A machine
+#                        whose default is bbr (this one's is) would otherwise
+#                        measure a pacing sender: BBR spreads its sends at a rate
+#                        estimated from the guest's delayed ACKs, so the guest
+#                        idles between them and waits for its CPU once per send
+#   SENDER_INITCWND [""] initial congestion window of the sender in segments
+#                        (ip route ... initcwnd N in the namespace; empty: the
+#                        kernel's, 10 since Linux 2.6.39). 3 or 4 is what the
+#                        paper's 2010 senders used (RFC 3390)
 #   VSNOOP_ARGS   [""]   extra vsnoop arguments (e.g. a window bound option)
 #   OUT_DIR PREFIX PLOT=0 (no SVG)  LOCK=0 (no guest lock)
 #   VSNOOP=target/release/vsnoop  VSNOOP_GUEST_DIR=target/guest
@@ -173,6 +184,12 @@ CONNECT_PAUSE_MS=${CONNECT_PAUSE_MS:-100}
 START_JITTER_MS=${START_JITTER_MS:-30}
 GUEST_APPEND=${GUEST_APPEND:-}
 HOST_SYSCTL=${HOST_SYSCTL-net.ipv4.tcp_no_metrics_save=1}
+SENDER_INITCWND=${SENDER_INITCWND:-}
+SENDER_CC=${SENDER_CC:-cubic}
+grep -qw -- "$SENDER_CC" /proc/sys/net/ipv4/tcp_available_congestion_control \
+    || { echo "SENDER_CC=$SENDER_CC is not available here ($(cat /proc/sys/net/ipv4/tcp_available_congestion_control))" >&2; exit 2; }
+[[ -z $SENDER_INITCWND || $SENDER_INITCWND =~ ^[1-9][0-9]*$ ]] \
+    || { echo "SENDER_INITCWND must be a number of segments, got '$SENDER_INITCWND'" >&2; exit 2; }
 VSNOOP_ARGS=${VSNOOP_ARGS:-}
 OUT_DIR=${OUT_DIR:-$ROOT/benches/results}
 PREFIX=${PREFIX:-ack-offload}
@@ -321,6 +338,7 @@ p.add_argument("--pause-ms", type=float, default=0, help="pause between connect 
 p.add_argument("--jitter-ms", type=float, default=0, help="random wait (0..J ms) before each connect")
 p.add_argument("--seed", type=int, default=1)
 p.add_argument("--digest", choices=["sha256", "f64"], default="sha256", help="what tcpsink answers")
+p.add_argument("--cc", default="", help="congestion control of every connection (TCP_CONGESTION)")
 a = p.parse_args()
 rng = random.Random(a.seed)
 
@@ -332,6 +350,8 @@ def transfer(buf, size, digest, timeout):
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     t0 = None
     try:
+        if a.cc:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, a.cc.encode())
         s.settimeout(timeout)
         s.connect((a.ip, a.port))  # the handshake is not timed
         if a.pause_ms:
@@ -547,6 +567,10 @@ start_row() { # config contention
     esac
     ip netns exec "$NS" ip addr add "$HOST_IP/24" dev "$TAP"
     ip netns exec "$NS" ip link set "$TAP" up
+    if [[ -n $SENDER_INITCWND ]]; then
+        ip netns exec "$NS" ip route replace "${HOST_IP%.*}.0/24" dev "$TAP" \
+            proto kernel scope link src "$HOST_IP" initcwnd "$SENDER_INITCWND"
+    fi
     : >"$WORK/console.log"
     local pin=()
     [[ -n $PIN_QEMU ]] && pin=(taskset -c "$PIN_QEMU")
@@ -646,7 +670,7 @@ vsnoop_cpu_ticks() {
 iperf_once() { # label -> prints "Mbit/s,vsnoop CPU us per MB received" (CPU empty without vsnoop)
     local t0 t1
     t0=$(vsnoop_cpu_ticks)
-    host iperf3 -c "$GUEST_IP" -t "$IPERF_TIME" -J >"$WORK/iperf.json" 2>&1 \
+    host iperf3 -c "$GUEST_IP" -C "$SENDER_CC" -t "$IPERF_TIME" -J >"$WORK/iperf.json" 2>&1 \
         || die "iperf3 ($1) failed: $(tail -5 "$WORK/iperf.json")"
     t1=$(vsnoop_cpu_ticks)
     "$PYTHON" -c '
@@ -718,7 +742,7 @@ run_row() { # config contention
     log "  guest up; waiting for tcpsink on port $SINK_PORT"
     # The sink check and the warm-up run unthrottled, so a slow boot does not count.
     host "$PYTHON" "$WORK/sender.py" --ip "$GUEST_IP" --port "$SINK_PORT" --csv /dev/null \
-        --config "$config" --contention "$contention" --sizes 1=0 --warmup 0 --digest "$DIGEST" \
+        --config "$config" --contention "$contention" --sizes 1=0 --warmup 0 --digest "$DIGEST" --cc "$SENDER_CC" \
         || die "tcpsink in the guest does not answer"
     apply_contention "$contention"
     local t0 c0
@@ -726,7 +750,7 @@ run_row() { # config contention
     log "  transfers: $(sizes_plan)"
     host "$PYTHON" "$WORK/sender.py" --ip "$GUEST_IP" --port "$SINK_PORT" --csv "$CSV" \
         --config "$config" --contention "$contention" --sizes "$(sizes_plan)" --warmup "$WARMUP" --pause-ms "$CONNECT_PAUSE_MS" \
-        --jitter-ms "$START_JITTER_MS" --seed "$row" --digest "$DIGEST" \
+        --jitter-ms "$START_JITTER_MS" --seed "$row" --digest "$DIGEST" --cc "$SENDER_CC" \
         || log "  WARNING: the sender gave up ($config / $contention); its failures are in the CSV"
     local t1 c1
     t1=$(date +%s.%N) c1=$(qemu_cpu_ticks)
@@ -788,7 +812,7 @@ SETTINGS="transfers per row: $(sizes_plan | tr ',' ' ') (warm-up $WARMUP), guest
 SETTINGS+=", random wait before connect: 0-$START_JITTER_MS ms, pause after connect: $CONNECT_PAUSE_MS ms"
 SETTINGS+=", vsnoop binary sha256 $VSNOOP_ID, QEMU $(qemu-system-x86_64 --version | awk 'NR == 1 { print $4 }')"
 SETTINGS+=", QEMU pinned: ${PIN_QEMU:-no}, host side pinned: ${PIN_HOST:-no}"
-SETTINGS+=", guest sysctls: ${GUEST_SYSCTL:-none}, tcpsink options: ${SINK_ARGS:-none}, digest: $DIGEST, namespace sysctls: ${HOST_SYSCTL:-none}"
+SETTINGS+=", guest sysctls: ${GUEST_SYSCTL:-none}, tcpsink options: ${SINK_ARGS:-none}, digest: $DIGEST, namespace sysctls: ${HOST_SYSCTL:-none}, sender initcwnd: ${SENDER_INITCWND:-kernel default (10)}, sender congestion control: $SENDER_CC"
 [[ -n $GUEST_APPEND ]] && SETTINGS+=", kernel cmdline: $GUEST_APPEND"
 [[ -n $VSNOOP_ARGS ]] && SETTINGS+=", vsnoop args: $VSNOOP_ARGS"
 [[ $TCPSINK == standin ]] && SETTINGS+=", SINK: busybox stand-in (development only)"

@@ -8,7 +8,7 @@
 # profiles stay in /tmp/offload-callgrind.<tag>.<case>.out.
 set -euo pipefail
 tag=${1:-now}
-bin=$(ls -t target/release/deps/offload-* | grep -v '\.d$' | head -1)
+bin=${OFFLOAD_BENCH_BIN:-$(ls -t target/release/deps/offload-* | grep -v "\.d$" | head -1)}
 for c in 0 1 2; do
     f=/tmp/offload-callgrind.$tag.$c.out
     OFFLOAD_BENCH_FIXED=1000,20000,$c valgrind --tool=callgrind --callgrind-out-file="$f" "$bin" >/dev/null 2>&1

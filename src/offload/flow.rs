@@ -628,13 +628,7 @@ impl Flow {
         limits: FlowLimits,
     ) -> TxVerdict {
         let t = seg.tcp_at;
-        let hdr_end = seg.payload_at;
-        let mut old = [0u8; 60];
-        let hlen = hdr_end - t;
-        old[..hlen].copy_from_slice(&headers[t..hdr_end]);
-
         let ack = seg.ack;
-        let mut edited = false;
         let below_e = seq_lt(ack, self.e);
         let raises_e = seq_lt(self.e, ack);
         if raises_e {
@@ -644,14 +638,14 @@ impl Flow {
         }
         // SACK blocks at or below E (and D-SACKs of our re-deliveries) mean
         // nothing to a sender that already holds an ACK for E.
-        let mut sack_removed = false;
+        let mut sack_trimmed = None;
         let mut sack_kept = seg.options.sack_at != 0;
         if seg.options.sack_at != 0 && seq_le(ack, self.e) {
-            let (removed, kept) = trim_sack(headers, seg, self.e);
-            sack_removed = removed > 0;
-            sack_kept = kept > 0;
-            edited |= sack_removed;
+            let trimmed = trim_sack(headers, seg, self.e);
+            sack_kept = trimmed.kept > 0;
+            sack_trimmed = trimmed.area;
         }
+        let sack_removed = sack_trimmed.is_some();
         let ece_new = seg.has(flags::ECE);
         let grows = seq_lt(self.edge_sent, self.gedge);
         let nothing_new = seg.is_pure_ack() && !sack_kept && !ece_new && !grows;
@@ -663,14 +657,20 @@ impl Flow {
         if ack == self.e && seg.is_pure_ack() {
             self.reached_e = true;
         }
-        if below_e {
-            headers[t + 8..t + 12].copy_from_slice(&self.e.to_be_bytes());
-            let win = self.window_field(self.e, limits);
-            headers[t + 14..t + 16].copy_from_slice(&win.to_be_bytes());
-            edited = true;
+        let mut edit = wire::TcpHeaderEdit::new(headers, t, seg.payload_at);
+        if let Some(area) = &sack_trimmed {
+            let at = seg.options.sack_at;
+            edit.set(at, &area[..usize::from(seg.options.sack_len)]);
         }
+        let win_out = if below_e {
+            edit.set_u32(t + 8, self.e);
+            let win = self.window_field(self.e, limits);
+            edit.set_u16(t + 14, win);
+            win
+        } else {
+            seg.window
+        };
         let ack_out = if below_e { self.e } else { ack };
-        let win_out = u16::from_be_bytes([headers[t + 14], headers[t + 15]]);
         self.edge_sent = seq_max(
             self.edge_sent,
             ack_out.wrapping_add(window_bytes(win_out, self.ws_guest)),
@@ -678,25 +678,18 @@ impl Flow {
         if let (Some((_, tsecr)), true) = (seg.options.timestamps, self.timestamps) {
             let out = self.tsecr_sent.map_or(tsecr, |s| seq_max(s, tsecr));
             if out != tsecr {
-                let at = seg.options.timestamps_at + 4;
-                headers[at..at + 4].copy_from_slice(&out.to_be_bytes());
-                edited = true;
+                edit.set_u32(seg.options.timestamps_at + 4, out);
             }
             self.tsecr_sent = Some(out);
         }
         if self.ece_pending && !seg.has(flags::ECE) {
-            headers[t + 13] |= flags::ECE;
-            edited = true;
+            edit.set(t + 13, &[seg.flags | flags::ECE]);
         }
-        if !edited {
-            return TxVerdict::Pass;
+        if edit.finish(!needs_csum) {
+            TxVerdict::Rewritten
+        } else {
+            TxVerdict::Pass
         }
-        if !needs_csum {
-            let c = u16::from_be_bytes([headers[t + 16], headers[t + 17]]);
-            let c = wire::csum_update(c, &old[..hlen], &headers[t..hdr_end]);
-            headers[t + 16..t + 18].copy_from_slice(&c.to_be_bytes());
-        }
-        TxVerdict::Rewritten
     }
 
     /// Window field for an ACK of `ack` (rule 6): never past Gedge, clamped
@@ -973,20 +966,24 @@ fn pass_reason(seg: &TcpSegment) -> Option<PassReason> {
     }
 }
 
+/// The SACK option of a guest ACK after [`trim_sack`].
+struct TrimmedSack {
+    /// Blocks kept.
+    kept: usize,
+    /// The option's new bytes (its length unchanged), if any block changed.
+    area: Option<[u8; 40]>,
+}
+
 /// Drops SACK blocks that end at or below `e` and moves left edges below `e`
-/// up to it, in place; the freed option bytes become NOPs. Returns
-/// (blocks removed, blocks kept).
-fn trim_sack(headers: &mut [u8], seg: &TcpSegment, e: u32) -> (usize, usize) {
-    let at = seg.options.sack_at;
+/// up to it; the freed option bytes become NOPs. Returns the option's new
+/// bytes (to be written by the caller) when anything changed.
+fn trim_sack(headers: &[u8], seg: &TcpSegment, e: u32) -> TrimmedSack {
     let len = usize::from(seg.options.sack_len);
-    let blocks: Vec<(u32, u32)> = wire::sack_blocks(headers, seg).collect();
     let mut kept = 0usize;
-    let mut removed = 0usize;
     let mut out = [0u8; 32];
     let mut changed = false;
-    for (left, right) in blocks {
+    for (left, right) in wire::sack_blocks(headers, seg) {
         if seq_le(right, e) {
-            removed += 1;
             changed = true;
             continue;
         }
@@ -1003,16 +1000,17 @@ fn trim_sack(headers: &mut [u8], seg: &TcpSegment, e: u32) -> (usize, usize) {
         }
     }
     if !changed {
-        return (0, kept);
+        return TrimmedSack { kept, area: None };
     }
-    let area = &mut headers[at..at + len];
-    area.fill(wire::option::NOP);
+    let mut area = [wire::option::NOP; 40];
     if kept > 0 {
         area[0] = wire::option::SACK;
         area[1] = (2 + kept * 8) as u8;
         area[2..2 + kept * 8].copy_from_slice(&out[..kept * 8]);
     }
-    // `removed` counts dropped blocks; a trimmed left edge also counts as a
-    // change worth rewriting, reported through `changed`.
-    (removed.max(usize::from(changed && removed == 0)), kept)
+    debug_assert!(len <= area.len());
+    TrimmedSack {
+        kept,
+        area: Some(area),
+    }
 }

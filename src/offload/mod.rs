@@ -101,12 +101,23 @@ impl FlowTable {
     }
 
     fn get_mut(&mut self, key: &FlowKey) -> Option<&mut Flow> {
-        self.get_mut_hashed(self.hash(key), key)
+        self.table
+            .find_mut(self.hash(key), |(k, _)| k == key)
+            .map(|(_, f)| f)
     }
 
-    /// The flow `key`, whose hash is `hash` ([`FlowTable::hash`]).
-    fn get_mut_hashed(&mut self, hash: u64, key: &FlowKey) -> Option<&mut Flow> {
-        self.table.find_mut(hash, |(k, _)| k == key).map(|(_, f)| f)
+    /// The flow `token` was made for: in its bucket if it is still there
+    /// (ids are unique among live flows), else found by key and hash.
+    fn get_mut_token(&mut self, token: &RxToken) -> Option<&mut Flow> {
+        let here = matches!(self.table.get_bucket(token.bucket), Some((_, f)) if f.id == token.id);
+        if here {
+            self.table.get_bucket_mut(token.bucket).map(|(_, f)| f)
+        } else {
+            let key = &token.key;
+            self.table
+                .find_mut(token.hash, |(k, _)| k == key)
+                .map(|(_, f)| f)
+        }
     }
 
     fn entry(&mut self, hash: u64, key: &FlowKey) -> Entry<'_, (FlowKey, Flow)> {
@@ -140,13 +151,17 @@ impl FlowTable {
     }
 }
 
-/// A flow's key and its hash: what [`AckOffload::remote_rx`] hands to
+/// Where a flow was: what [`AckOffload::remote_rx`] hands to
 /// [`AckOffload::remote_published`] (the flow that got new bytes), so the
-/// early ACK finds it without hashing the key again.
+/// early ACK finds it without a second lookup. The bucket holds that flow
+/// as long as the table has not been resized or the flow removed; its
+/// [`Flow::id`] tells, and the key and hash find it otherwise.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RxToken {
     key: FlowKey,
     hash: u64,
+    bucket: usize,
+    id: u32,
 }
 
 /// Engine settings.
@@ -480,18 +495,26 @@ impl AckOffload {
     ) -> Option<(RxToken, &'a mut Flow)> {
         let key = FlowKey::of(seg, from_guest);
         let hash = flows.hash(&key);
-        let token = RxToken { key, hash };
         let tracked = flows.len();
-        match flows.entry(hash, &key) {
-            Entry::Occupied(o) => Some((token, &mut o.into_mut().1)),
+        let entry = match flows.entry(hash, &key) {
+            Entry::Occupied(o) => o,
             Entry::Vacant(v) => {
                 let flow = new_flow(cfg, counters, tracked, headers, seg, from_guest, now)?;
                 counters
                     .flows_tracked
                     .store(tracked as u64 + 1, Ordering::Relaxed);
-                Some((token, &mut v.insert((key, flow)).into_mut().1))
+                v.insert((key, flow))
             }
-        }
+        };
+        let bucket = entry.bucket_index();
+        let flow = &mut entry.into_mut().1;
+        let token = RxToken {
+            key,
+            hash,
+            bucket,
+            id: flow.id,
+        };
+        Some((token, flow))
     }
 
     fn forget(&mut self, key: &FlowKey) {
@@ -702,7 +725,7 @@ impl AckOffload {
             return false;
         }
         let limits = self.limits();
-        let Some(f) = self.flows.get_mut_hashed(token.hash, &token.key) else {
+        let Some(f) = self.flows.get_mut_token(token) else {
             return false;
         };
         let Some(acked) = f.early_ack(limits, out) else {

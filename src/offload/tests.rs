@@ -1091,3 +1091,89 @@ fn a_flow_over_its_custody_budget_comes_back_once_the_guest_caught_up() {
     assert_eq!(h.mode(), Mode::Active);
     assert!(h.data(100).is_some());
 }
+
+#[test]
+fn the_early_ack_finds_its_flow_after_the_table_grew_and_never_acks_another() {
+    let mut h = Harness::new(Conn::default());
+    h.handshake();
+    // A data segment through RX; its frame is published only after 200
+    // new flows (other remote ports) made the table grow several times.
+    let ts = h.ts_r();
+    let seq = h.rseq;
+    h.rseq = seq.wrapping_add(100);
+    let data = |ts| Seg {
+        seq,
+        ack: GUEST_ISN + 1,
+        flags: flags::ACK | flags::PSH,
+        window: 502,
+        ts,
+        payload: vec![7; 100],
+        ..Seg::default()
+    };
+    let f = build(&h.conn, false, &data(ts));
+    let mut copy = |off: usize, buf: &mut [u8]| {
+        buf.copy_from_slice(&f[off..off + buf.len()]);
+        buf.len()
+    };
+    let token = h
+        .eng
+        .remote_rx(0, &f, f.len(), RxChecksum::Partial, &mut copy, h.now)
+        .expect("new bytes");
+    let syn = build(
+        &h.conn,
+        false,
+        &Seg {
+            seq: 5,
+            flags: flags::SYN,
+            window: 100,
+            ..Seg::default()
+        },
+    );
+    for port in 1000u16..1200 {
+        let mut s = syn.clone();
+        s[34..36].copy_from_slice(&port.to_be_bytes());
+        h.rx_frame(&s, RxChecksum::Partial);
+    }
+    assert_eq!(h.eng.flows(), 201);
+    let moved =
+        !matches!(h.eng.flows.table.get_bucket(token.bucket), Some((_, f)) if f.id == token.id);
+    assert!(
+        moved,
+        "the flow left its bucket (the lookup by key is tested)"
+    );
+    let mut out = Vec::new();
+    assert!(h.eng.remote_published(&token, &mut out));
+    let ack = parse(&out);
+    assert_eq!(
+        (ack.sport, ack.dport, ack.ack),
+        (5000, 80, seq.wrapping_add(100))
+    );
+
+    // A token of a flow that was reset and reopened with the same key (a
+    // new flow, in its handshake) acknowledges nothing.
+    let ts = h.ts_r();
+    let seq = h.rseq;
+    let f = build(&h.conn, false, &Seg { seq, ..data(ts) });
+    let mut copy = |off: usize, buf: &mut [u8]| {
+        buf.copy_from_slice(&f[off..off + buf.len()]);
+        buf.len()
+    };
+    let token = h
+        .eng
+        .remote_rx(0, &f, f.len(), RxChecksum::Partial, &mut copy, h.now)
+        .expect("new bytes");
+    h.rx(Seg {
+        seq: seq.wrapping_add(100),
+        flags: flags::RST,
+        ..Seg::default()
+    });
+    h.rx(Seg {
+        seq: 9,
+        flags: flags::SYN,
+        window: 100,
+        ..Seg::default()
+    });
+    let mut out = Vec::new();
+    assert!(!h.eng.remote_published(&token, &mut out));
+    assert!(out.is_empty());
+}

@@ -402,19 +402,106 @@ pub fn pseudo_header_sum(version: IpVersion, src: &[u8; 16], dst: &[u8; 16], tcp
     }
 }
 
-/// RFC 1624 eqn. 3: the checksum after the 16-bit-aligned bytes `old`
-/// became `new` (same length, even, at an even offset in the summed data).
-pub fn csum_update(checksum: u16, old: &[u8], new: &[u8]) -> u16 {
-    debug_assert_eq!(old.len(), new.len());
-    let mut sum = u32::from(!checksum);
-    for (o, n) in old.chunks_exact(2).zip(new.chunks_exact(2)) {
-        let (o, n) = (
-            u16::from_be_bytes([o[0], o[1]]),
-            u16::from_be_bytes([n[0], n[1]]),
-        );
-        sum += u32::from(!o) + u32::from(n);
+/// Edits to the TCP header of a frame that keep its checksum valid
+/// incrementally (RFC 1624 eqn. 3): each edit adds the change of the 16-bit
+/// words it touched, so the cost follows the bytes edited, not the header
+/// length. Offsets are frame offsets inside the TCP header.
+pub struct TcpHeaderEdit<'a> {
+    frame: &'a mut [u8],
+    tcp_at: usize,
+    header_end: usize,
+    /// One's-complement sum of `!old + new` over the changed words.
+    delta: u32,
+    edited: bool,
+}
+
+impl<'a> TcpHeaderEdit<'a> {
+    /// An edit of the TCP header `frame[tcp_at..header_end]` (its length a
+    /// multiple of 4, as every TCP header's).
+    pub fn new(frame: &'a mut [u8], tcp_at: usize, header_end: usize) -> Self {
+        debug_assert!((header_end - tcp_at) % 4 == 0 && header_end <= frame.len());
+        TcpHeaderEdit {
+            frame,
+            tcp_at,
+            header_end,
+            delta: 0,
+            edited: false,
+        }
     }
-    !csum_fold(sum)
+
+    /// The header bytes (read-only view of the edited frame).
+    pub fn frame(&self) -> &[u8] {
+        self.frame
+    }
+
+    /// Writes `new` at frame offset `at` (inside the header; any alignment).
+    pub fn set(&mut self, at: usize, new: &[u8]) {
+        // The 16-bit words (counted from the TCP header) that `new` touches.
+        let lo = self.tcp_at + ((at - self.tcp_at) & !1);
+        let hi = (self.tcp_at + ((at + new.len() - self.tcp_at + 1) & !1)).min(self.header_end);
+        debug_assert!(at + new.len() <= hi);
+        let mut old = [0u8; 64];
+        let n = hi - lo;
+        old[..n].copy_from_slice(&self.frame[lo..hi]);
+        self.frame[at..at + new.len()].copy_from_slice(new);
+        for (o, w) in old[..n]
+            .chunks_exact(2)
+            .zip(self.frame[lo..hi].chunks_exact(2))
+        {
+            self.delta += u32::from(!u16::from_be_bytes([o[0], o[1]]))
+                + u32::from(u16::from_be_bytes([w[0], w[1]]));
+        }
+        // Keep the sum small: at most 32 words per edit.
+        self.delta = (self.delta & 0xffff) + (self.delta >> 16);
+        self.edited = true;
+    }
+
+    /// Writes a 32-bit field.
+    pub fn set_u32(&mut self, at: usize, v: u32) {
+        if (at - self.tcp_at) % 2 == 0 && at + 4 <= self.header_end {
+            // Word-aligned (the usual case): two words, no scratch copy.
+            let old = be32(self.frame, at);
+            self.frame[at..at + 4].copy_from_slice(&v.to_be_bytes());
+            self.delta +=
+                u32::from(!(old >> 16) as u16) + u32::from(!old as u16) + (v >> 16) + (v & 0xffff);
+            self.delta = (self.delta & 0xffff) + (self.delta >> 16);
+            self.edited = true;
+        } else {
+            self.set(at, &v.to_be_bytes());
+        }
+    }
+
+    /// Writes a 16-bit field.
+    pub fn set_u16(&mut self, at: usize, v: u16) {
+        if (at - self.tcp_at) % 2 == 0 && at + 2 <= self.header_end {
+            let old = be16(self.frame, at);
+            self.frame[at..at + 2].copy_from_slice(&v.to_be_bytes());
+            self.delta += u32::from(!old) + u32::from(v);
+            self.delta = (self.delta & 0xffff) + (self.delta >> 16);
+            self.edited = true;
+        } else {
+            self.set(at, &v.to_be_bytes());
+        }
+    }
+
+    /// Whether anything was written.
+    pub fn edited(&self) -> bool {
+        self.edited
+    }
+
+    /// Ends the edit: with `update_checksum`, folds the changes into the
+    /// checksum field (not for a NEEDS_CSUM frame, whose field is only the
+    /// pseudo-header seed the device completes). Returns whether anything
+    /// was written.
+    pub fn finish(self, update_checksum: bool) -> bool {
+        if self.edited && update_checksum {
+            let at = self.tcp_at + 16;
+            let c = u16::from_be_bytes([self.frame[at], self.frame[at + 1]]);
+            let c = !csum_fold(u32::from(!c) + self.delta);
+            self.frame[at..at + 2].copy_from_slice(&c.to_be_bytes());
+        }
+        self.edited
+    }
 }
 
 /// Whether the TCP checksum of a complete segment (`tcp` = TCP header and
@@ -777,30 +864,80 @@ mod tests {
         let mut f = v4_segment(&[Timestamp(1, 2)], b"payload!");
         let s = parse(&f, f.len()).unwrap();
         let tcp = s.tcp_at;
-        let old: Vec<u8> = f[tcp..s.payload_at].to_vec();
-        f[tcp + 8..tcp + 12].copy_from_slice(&0x0102_0304u32.to_be_bytes());
-        f[tcp + 14..tcp + 16].copy_from_slice(&77u16.to_be_bytes());
-        f[s.options.timestamps_at + 4..s.options.timestamps_at + 8]
-            .copy_from_slice(&999u32.to_be_bytes());
-        let new: Vec<u8> = f[tcp..s.payload_at].to_vec();
-        let updated = csum_update(s.checksum, &old, &new);
-        f[tcp + 16..tcp + 18].copy_from_slice(&updated.to_be_bytes());
+        let mut e = TcpHeaderEdit::new(&mut f, tcp, s.payload_at);
+        e.set_u32(tcp + 8, 0x0102_0304);
+        e.set_u16(tcp + 14, 77);
+        e.set_u32(s.options.timestamps_at + 4, 999);
+        assert!(e.finish(true));
         let s2 = parse(&f, f.len()).unwrap();
+        assert_eq!(
+            (s2.ack, s2.window, s2.options.timestamps),
+            (0x0102_0304, 77, Some((1, 999)))
+        );
         assert!(tcp_checksum_ok(&s2, &f[tcp..]));
         // A corrupt segment stays corrupt after an incremental update.
         let mut g = v4_segment(&[], b"abcd");
         let gs = parse(&g, g.len()).unwrap();
         let last = g.len() - 1;
         g[last] ^= 0x40;
-        let old: Vec<u8> = g[gs.tcp_at..gs.payload_at].to_vec();
-        g[gs.tcp_at + 14] = 1;
-        let new: Vec<u8> = g[gs.tcp_at..gs.payload_at].to_vec();
-        let c = csum_update(gs.checksum, &old, &new);
-        g[gs.tcp_at + 16..gs.tcp_at + 18].copy_from_slice(&c.to_be_bytes());
-        assert!(!tcp_checksum_ok(
-            &parse(&g, g.len()).unwrap(),
-            &g[gs.tcp_at..]
-        ));
+        let mut e = TcpHeaderEdit::new(&mut g, gs.tcp_at, gs.payload_at);
+        e.set(gs.tcp_at + 14, &[1]);
+        e.finish(true);
+        let gs2 = parse(&g, g.len()).unwrap();
+        assert!(!tcp_checksum_ok(&gs2, &g[gs.tcp_at..]));
+        // Nothing written: nothing changes, not even the checksum.
+        let before = g.clone();
+        assert!(!TcpHeaderEdit::new(&mut g, gs.tcp_at, gs.payload_at).finish(true));
+        assert_eq!(g, before);
+    }
+
+    #[test]
+    fn incremental_edits_at_any_offset_and_length_keep_the_checksum_exact() {
+        use etherparse::TcpOptionElement::*;
+        // Options of 40 bytes, so edits reach the last header byte.
+        let opts = [
+            Noop,
+            MaximumSegmentSize(1460),
+            Noop,
+            WindowScale(7),
+            Timestamp(5, 6),
+            SelectiveAcknowledgement((1, 2), [Some((3, 4)), None, None]),
+        ];
+        let mut f = v4_segment(&opts, b"xyz");
+        let s = parse(&f, f.len()).unwrap();
+        let (tcp, end) = (s.tcp_at, s.payload_at);
+        assert_eq!(end - tcp, 60);
+        let mut x: u32 = 0x9e37_79b9;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x
+        };
+        for round in 0..2000 {
+            let mut e = TcpHeaderEdit::new(&mut f, tcp, end);
+            for _ in 0..1 + round % 4 {
+                // Anywhere but the checksum field itself.
+                let at = tcp + 18 + (next() as usize) % 42;
+                let len = 1 + (next() as usize) % (end - at).min(12);
+                let bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+                // The 16- and 32-bit writers too, aligned or not.
+                match len {
+                    2 => e.set_u16(at, u16::from_be_bytes([bytes[0], bytes[1]])),
+                    4 => e.set_u32(at, be32(&bytes, 0)),
+                    _ => e.set(at, &bytes),
+                }
+            }
+            e.finish(true);
+            // The addresses are unchanged, so `s` still gives the pseudo-header.
+            assert!(tcp_checksum_ok(&s, &f[tcp..]), "round {round}");
+        }
+        // NEEDS_CSUM: the seed in the checksum field is left alone.
+        let seed = f[tcp + 16..tcp + 18].to_vec();
+        let mut e = TcpHeaderEdit::new(&mut f, tcp, end);
+        e.set_u32(tcp + 4, 42);
+        assert!(e.finish(false));
+        assert_eq!(f[tcp + 16..tcp + 18], seed[..]);
     }
 
     #[test]
