@@ -136,6 +136,12 @@
 #                        measure a pacing sender: BBR spreads its sends at a rate
 #                        estimated from the guest's delayed ACKs, so the guest
 #                        idles between them and waits for its CPU once per send
+#   SENDER_DELAY_MS [""] one-way delay added to the sender's frames toward the
+#                        guest (a remote sender across a WAN): the tap joins a bridge
+#                        with tests/tools/tapnetem.py, which holds each frame this
+#                        long (user space: this kernel has no sch_netem), and the
+#                        host address moves to tapnetem's other tap. Adds its own
+#                        lateness (printed per row); use with BULK_REPS=0
 #   SENDER_INITCWND [""] initial congestion window of the sender in segments
 #                        (ip route ... initcwnd N in the namespace; empty: the
 #                        kernel's, 10 since Linux 2.6.39). 3 or 4 is what the
@@ -186,6 +192,9 @@ GUEST_APPEND=${GUEST_APPEND:-}
 HOST_SYSCTL=${HOST_SYSCTL-net.ipv4.tcp_no_metrics_save=1}
 SENDER_INITCWND=${SENDER_INITCWND:-}
 SENDER_CC=${SENDER_CC:-cubic}
+SENDER_DELAY_MS=${SENDER_DELAY_MS:-}
+[[ -z $SENDER_DELAY_MS || $SENDER_DELAY_MS =~ ^[0-9]+(\.[0-9]+)?$ ]] \
+    || { echo "SENDER_DELAY_MS must be a number of milliseconds, got '$SENDER_DELAY_MS'" >&2; exit 2; }
 grep -qw -- "$SENDER_CC" /proc/sys/net/ipv4/tcp_available_congestion_control \
     || { echo "SENDER_CC=$SENDER_CC is not available here ($(cat /proc/sys/net/ipv4/tcp_available_congestion_control))" >&2; exit 2; }
 [[ -z $SENDER_INITCWND || $SENDER_INITCWND =~ ^[1-9][0-9]*$ ]] \
@@ -565,10 +574,30 @@ start_row() { # config contention
         netdev=(-chardev "socket,id=c0,path=$WORK/vhost.sock" -netdev vhost-user,id=n0,chardev=c0)
         ;;
     esac
-    ip netns exec "$NS" ip addr add "$HOST_IP/24" dev "$TAP"
-    ip netns exec "$NS" ip link set "$TAP" up
+    local host_dev=$TAP
+    if [[ -n $SENDER_DELAY_MS ]]; then
+        # tap --- bridge --- tap A [tapnetem: B->A delayed] tap B (host address)
+        host_dev="${TAG}b"
+        : >"$WORK/tapnetem.log"
+        local npin=()
+        [[ -n $ROW_PIN ]] && npin=(taskset -c "$ROW_PIN")
+        ip netns exec "$NS" "${npin[@]}" "$PYTHON" "$ROOT/tests/tools/tapnetem.py" --a "${TAG}a" --b "$host_dev" \
+            --delay-ms "$SENDER_DELAY_MS" >"$WORK/tapnetem.log" 2>&1 9>&- &
+        TAPNETEM_PID=$!
+        echo "$TAPNETEM_PID" >>"$PIDFILE"
+        wait_for 20 "tapnetem READY" grep -q READY "$WORK/tapnetem.log"
+        ip netns exec "$NS" ip link add "${TAG}br" type bridge
+        local port
+        for port in "$TAP" "${TAG}a"; do
+            ip netns exec "$NS" ip link set "$port" master "${TAG}br"
+            ip netns exec "$NS" ip link set "$port" up
+        done
+        ip netns exec "$NS" ip link set "${TAG}br" up
+    fi
+    ip netns exec "$NS" ip addr add "$HOST_IP/24" dev "$host_dev"
+    ip netns exec "$NS" ip link set "$host_dev" up
     if [[ -n $SENDER_INITCWND ]]; then
-        ip netns exec "$NS" ip route replace "${HOST_IP%.*}.0/24" dev "$TAP" \
+        ip netns exec "$NS" ip route replace "${HOST_IP%.*}.0/24" dev "$host_dev" \
             proto kernel scope link src "$HOST_IP" initcwnd "$SENDER_INITCWND"
     fi
     : >"$WORK/console.log"
@@ -756,6 +785,11 @@ run_row() { # config contention
     t1=$(date +%s.%N) c1=$(qemu_cpu_ticks)
     log "  QEMU used $(awk -v c=$((c1 - c0)) -v hz="$(getconf CLK_TCK)" -v t0="$t0" -v t1="$t1" \
         'BEGIN { printf "%.0f%%", 100 * c / hz / (t1 - t0) }') of a CPU during the transfers"
+    if [[ -n $SENDER_DELAY_MS ]]; then
+        kill -USR1 "$TAPNETEM_PID" 2>/dev/null || true
+        sleep 0.3
+        log "  $(grep '^tapnetem ' "$WORK/tapnetem.log" | tail -1)"
+    fi
     release_contention "$contention"
     if [[ $contention == none && $BULK_REPS -gt 0 ]]; then bulk "$config"; fi
     if [[ $config != vanilla ]]; then
@@ -812,7 +846,7 @@ SETTINGS="transfers per row: $(sizes_plan | tr ',' ' ') (warm-up $WARMUP), guest
 SETTINGS+=", random wait before connect: 0-$START_JITTER_MS ms, pause after connect: $CONNECT_PAUSE_MS ms"
 SETTINGS+=", vsnoop binary sha256 $VSNOOP_ID, QEMU $(qemu-system-x86_64 --version | awk 'NR == 1 { print $4 }')"
 SETTINGS+=", QEMU pinned: ${PIN_QEMU:-no}, host side pinned: ${PIN_HOST:-no}"
-SETTINGS+=", guest sysctls: ${GUEST_SYSCTL:-none}, tcpsink options: ${SINK_ARGS:-none}, digest: $DIGEST, namespace sysctls: ${HOST_SYSCTL:-none}, sender initcwnd: ${SENDER_INITCWND:-kernel default (10)}, sender congestion control: $SENDER_CC"
+SETTINGS+=", guest sysctls: ${GUEST_SYSCTL:-none}, tcpsink options: ${SINK_ARGS:-none}, digest: $DIGEST, namespace sysctls: ${HOST_SYSCTL:-none}, sender initcwnd: ${SENDER_INITCWND:-kernel default (10)}, sender congestion control: $SENDER_CC, added one-way delay toward the guest: ${SENDER_DELAY_MS:-0} ms"
 [[ -n $GUEST_APPEND ]] && SETTINGS+=", kernel cmdline: $GUEST_APPEND"
 [[ -n $VSNOOP_ARGS ]] && SETTINGS+=", vsnoop args: $VSNOOP_ARGS"
 [[ $TCPSINK == standin ]] && SETTINGS+=", SINK: busybox stand-in (development only)"
