@@ -163,18 +163,22 @@ impl Harness {
             .snapshot(self.eng.enabled(), self.eng.draining())
     }
 
-    /// A remote frame through RX: returns the early ACK, if any.
-    fn rx_frame(&mut self, frame: &[u8], checksum: RxChecksum) -> Option<Vec<u8>> {
+    /// A remote frame through RX, not yet published: the token for
+    /// `remote_published`, if it brought new bytes.
+    fn rx_unpublished(&mut self, frame: &[u8], checksum: RxChecksum) -> Option<RxToken> {
         self.now += 1_000;
-        let f = frame.to_vec();
         let mut copy = |off: usize, buf: &mut [u8]| {
-            let n = buf.len().min(f.len().saturating_sub(off));
-            buf[..n].copy_from_slice(&f[off..off + n]);
+            let n = buf.len().min(frame.len().saturating_sub(off));
+            buf[..n].copy_from_slice(&frame[off..off + n]);
             n
         };
-        let token = self
-            .eng
-            .remote_rx(0, frame, frame.len(), checksum, &mut copy, self.now)?;
+        self.eng
+            .remote_rx(0, frame, frame.len(), checksum, &mut copy, self.now)
+    }
+
+    /// A remote frame through RX: returns the early ACK, if any.
+    fn rx_frame(&mut self, frame: &[u8], checksum: RxChecksum) -> Option<Vec<u8>> {
+        let token = self.rx_unpublished(frame, checksum)?;
         let mut out = Vec::new();
         self.eng.remote_published(&token, &mut out).then_some(out)
     }
@@ -1111,13 +1115,8 @@ fn the_early_ack_finds_its_flow_after_the_table_grew_and_never_acks_another() {
         ..Seg::default()
     };
     let f = build(&h.conn, false, &data(ts));
-    let mut copy = |off: usize, buf: &mut [u8]| {
-        buf.copy_from_slice(&f[off..off + buf.len()]);
-        buf.len()
-    };
     let token = h
-        .eng
-        .remote_rx(0, &f, f.len(), RxChecksum::Partial, &mut copy, h.now)
+        .rx_unpublished(&f, RxChecksum::Partial)
         .expect("new bytes");
     let syn = build(
         &h.conn,
@@ -1154,13 +1153,8 @@ fn the_early_ack_finds_its_flow_after_the_table_grew_and_never_acks_another() {
     let ts = h.ts_r();
     let seq = h.rseq;
     let f = build(&h.conn, false, &Seg { seq, ..data(ts) });
-    let mut copy = |off: usize, buf: &mut [u8]| {
-        buf.copy_from_slice(&f[off..off + buf.len()]);
-        buf.len()
-    };
     let token = h
-        .eng
-        .remote_rx(0, &f, f.len(), RxChecksum::Partial, &mut copy, h.now)
+        .rx_unpublished(&f, RxChecksum::Partial)
         .expect("new bytes");
     h.rx(Seg {
         seq: seq.wrapping_add(100),

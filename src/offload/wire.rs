@@ -402,6 +402,12 @@ pub fn pseudo_header_sum(version: IpVersion, src: &[u8; 16], dst: &[u8; 16], tcp
     }
 }
 
+/// What one 16-bit word changing from `old` to `new` adds to a checksum
+/// delta (RFC 1624 eqn. 3: `!old + new`).
+fn word_change(old: u16, new: u16) -> u32 {
+    u32::from(!old) + u32::from(new)
+}
+
 /// Edits to the TCP header of a frame that keep its checksum valid
 /// incrementally (RFC 1624 eqn. 3): each edit adds the change of the 16-bit
 /// words it touched, so the cost follows the bytes edited, not the header
@@ -429,11 +435,6 @@ impl<'a> TcpHeaderEdit<'a> {
         }
     }
 
-    /// The header bytes (read-only view of the edited frame).
-    pub fn frame(&self) -> &[u8] {
-        self.frame
-    }
-
     /// Writes `new` at frame offset `at` (inside the header; any alignment).
     pub fn set(&mut self, at: usize, new: &[u8]) {
         // The 16-bit words (counted from the TCP header) that `new` touches.
@@ -448,45 +449,44 @@ impl<'a> TcpHeaderEdit<'a> {
             .chunks_exact(2)
             .zip(self.frame[lo..hi].chunks_exact(2))
         {
-            self.delta += u32::from(!u16::from_be_bytes([o[0], o[1]]))
-                + u32::from(u16::from_be_bytes([w[0], w[1]]));
+            self.delta += word_change(be16(o, 0), be16(w, 0));
         }
-        // Keep the sum small: at most 32 words per edit.
-        self.delta = (self.delta & 0xffff) + (self.delta >> 16);
-        self.edited = true;
+        self.settle();
     }
 
     /// Writes a 32-bit field.
     pub fn set_u32(&mut self, at: usize, v: u32) {
-        if (at - self.tcp_at) % 2 == 0 && at + 4 <= self.header_end {
-            // Word-aligned (the usual case): two words, no scratch copy.
-            let old = be32(self.frame, at);
-            self.frame[at..at + 4].copy_from_slice(&v.to_be_bytes());
-            self.delta +=
-                u32::from(!(old >> 16) as u16) + u32::from(!old as u16) + (v >> 16) + (v & 0xffff);
-            self.delta = (self.delta & 0xffff) + (self.delta >> 16);
-            self.edited = true;
-        } else {
-            self.set(at, &v.to_be_bytes());
+        if !self.aligned(at, 4) {
+            return self.set(at, &v.to_be_bytes());
         }
+        // Word-aligned (the usual case): two words, no scratch copy.
+        let old = be32(self.frame, at);
+        self.frame[at..at + 4].copy_from_slice(&v.to_be_bytes());
+        self.delta +=
+            word_change((old >> 16) as u16, (v >> 16) as u16) + word_change(old as u16, v as u16);
+        self.settle();
     }
 
     /// Writes a 16-bit field.
     pub fn set_u16(&mut self, at: usize, v: u16) {
-        if (at - self.tcp_at) % 2 == 0 && at + 2 <= self.header_end {
-            let old = be16(self.frame, at);
-            self.frame[at..at + 2].copy_from_slice(&v.to_be_bytes());
-            self.delta += u32::from(!old) + u32::from(v);
-            self.delta = (self.delta & 0xffff) + (self.delta >> 16);
-            self.edited = true;
-        } else {
-            self.set(at, &v.to_be_bytes());
+        if !self.aligned(at, 2) {
+            return self.set(at, &v.to_be_bytes());
         }
+        let old = be16(self.frame, at);
+        self.frame[at..at + 2].copy_from_slice(&v.to_be_bytes());
+        self.delta += word_change(old, v);
+        self.settle();
     }
 
-    /// Whether anything was written.
-    pub fn edited(&self) -> bool {
-        self.edited
+    /// Whether `len` bytes at `at` are whole words inside the header.
+    fn aligned(&self, at: usize, len: usize) -> bool {
+        (at - self.tcp_at) % 2 == 0 && at + len <= self.header_end
+    }
+
+    /// After an edit: keep the sum small (an edit adds at most 32 words).
+    fn settle(&mut self) {
+        self.delta = (self.delta & 0xffff) + (self.delta >> 16);
+        self.edited = true;
     }
 
     /// Ends the edit: with `update_checksum`, folds the changes into the
