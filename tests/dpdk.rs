@@ -550,6 +550,14 @@ fn macswap_case(queues: usize, devargs: &str, extra: &[&str], n: u64, sizes: &st
     let mut args = vec!["--forward-mode=macswap"];
     args.extend_from_slice(extra);
     let mut pmd = s.testpmd(devargs, &args);
+    // A real driver (Linux virtio-net) stops its queue when the TX ring is
+    // full and resumes on the used-ring update; it does not drop. testpmd's
+    // retry mode does the same, for up to 200 ms, so a backend descheduled
+    // for a moment on this 2-core machine costs time, not frames. A backend
+    // that missed a kick still shows up as TX-dropped below.
+    let mode = pmd.cmd("set fwd macswap retry");
+    assert!(mode.contains("with retry"), "testpmd refused retry: {mode}");
+    pmd.cmd("set burst tx delay 100 retry 2000");
     pmd.cmd("start");
     let before_tap = s.tap_counters();
     let before = s.vsnoop.stats();
