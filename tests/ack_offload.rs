@@ -31,8 +31,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::guest::{
-    configure_host_tap, ensure_image, lock, receive_from_guest, wait_ping_guest, Backend, Guest,
-    GuestConfig, GuestLock, GUEST_IP,
+    configure_host_tap, ensure_image, host_bridge, join_bridge, lock, receive_from_guest,
+    wait_ping_guest, Backend, Guest, GuestConfig, GuestLock, GUEST_IP,
 };
 use common::netem::TapNetem;
 use common::qmp::Qmp;
@@ -63,6 +63,9 @@ struct RigOptions {
     reconnect: bool,
     /// QEMU serves QMP on `qmp.sock` in the scratch directory ([`Rig::qmp`]).
     qmp: bool,
+    /// The host address lives on a hub bridge with vsnoop's tap as a port
+    /// ([`Rig::bridge`]), so a second vsnoop's tap can join it.
+    bridge: bool,
 }
 
 /// Field order is drop order: QEMU first, then tapnetem, vsnoop, the namespace,
@@ -84,6 +87,10 @@ struct Rig {
     run: u32,
     /// QEMU's QMP socket (with `RigOptions::qmp`).
     qmp: Option<PathBuf>,
+    /// The host-side bridge (with `RigOptions::bridge`).
+    bridge: Option<String>,
+    /// What QEMU was started with (a migration destination starts alike).
+    cfg: GuestConfig,
 }
 
 fn prerequisites() {
@@ -110,8 +117,13 @@ impl Rig {
         let sock = dir.join("vhost.sock");
         let run = 1;
         let (vsnoop, control, log) = spawn_vsnoop(&ns, &dir, &sock, &tap, run);
+        let mut bridge = None;
         let netem = match &opts.netem {
             Some(args) => Some(TapNetem::start(&ns, &tap, args, &dir.path)),
+            None if opts.bridge => {
+                bridge = Some(host_bridge(&ns, &tap));
+                None
+            }
             None => {
                 configure_host_tap(&ns, &tap);
                 None
@@ -144,6 +156,8 @@ impl Rig {
             logs: vec![log],
             run,
             qmp,
+            bridge,
+            cfg,
         };
         let boot = rig.guest.wait_booted(BOOT_TIMEOUT);
         println!("[{label}] guest booted in {boot:.1?}");
@@ -158,6 +172,16 @@ impl Rig {
             rig.guest.diagnostics()
         );
         rig
+    }
+
+    /// [`Rig::start`] with QEMU's QMP socket, connected.
+    fn with_qmp(label: &str, opts: RigOptions) -> (Rig, Qmp) {
+        let mut rig = Rig::start(label, RigOptions { qmp: true, ..opts });
+        let path = rig.qmp.clone().expect("QMP socket path");
+        match Qmp::connect(&path, Duration::from_secs(30)) {
+            Ok(q) => (rig, q),
+            Err(e) => panic!("[{label}] QMP: {e}\n{}", rig.guest.diagnostics()),
+        }
     }
 
     /// `vsnoop stats --control SOCK --json`, parsed.
@@ -202,19 +226,20 @@ impl Rig {
         sink::send_with(&self.ns, GUEST_IP, SINK_PORT, len, opts)
     }
 
-    /// Starts a transfer of `len` bytes on its own thread and returns once
-    /// `under_way` bytes are written (panics if it never gets there); the
-    /// counter keeps counting.
+    /// Starts a transfer of `len` bytes (sent as `opts` say) on its own
+    /// thread and returns once `under_way` bytes are written (panics if it
+    /// never gets there within `opts.timeout`); the counter keeps counting.
     fn send_under_way(
         &self,
         len: usize,
         under_way: usize,
-        timeout: Duration,
+        opts: SendOptions,
     ) -> (
         thread::JoinHandle<Result<SinkResult, String>>,
         Arc<AtomicU64>,
     ) {
         let progress = Arc::new(AtomicU64::new(0));
+        let timeout = opts.timeout;
         let handle = sink::spawn_send(
             &self.ns,
             GUEST_IP,
@@ -222,8 +247,7 @@ impl Rig {
             len,
             &SendOptions {
                 progress: Some(Arc::clone(&progress)),
-                timeout,
-                ..sink_opts()
+                ..opts
             },
         );
         let deadline = Instant::now() + timeout;
@@ -240,7 +264,24 @@ impl Rig {
 
     /// A complete transfer that must arrive intact; panics with diagnostics.
     fn send_ok(&mut self, what: &str, len: usize, opts: &SendOptions) -> SinkResult {
-        match self.send(len, opts) {
+        let result = self.send(len, opts);
+        self.intact(what, result)
+    }
+
+    /// Waits for a transfer started on its own thread ([`Rig::send_under_way`],
+    /// `sink::spawn_send`); it must arrive intact.
+    fn join_ok(
+        &mut self,
+        what: &str,
+        handle: thread::JoinHandle<Result<SinkResult, String>>,
+    ) -> SinkResult {
+        let result = handle.join().expect("sender thread");
+        self.intact(what, result)
+    }
+
+    /// Reports a transfer that arrived intact; panics with diagnostics otherwise.
+    fn intact(&mut self, what: &str, result: Result<SinkResult, String>) -> SinkResult {
+        match result {
             Ok(r) => {
                 println!(
                     "[{}] {what}: {} bytes hash-equal in {:.2?} ({:.1} MB/s)",
@@ -726,7 +767,7 @@ fn descheduled_guest() {
     let mut checks = EngineChecks::new(label);
     let s0 = rig.stats();
     let qemu = rig.guest.pid();
-    let (handle, _) = rig.send_under_way(16 * MIB, 2 * MIB, XFER_TIMEOUT);
+    let (handle, _) = rig.send_under_way(16 * MIB, 2 * MIB, sink_opts());
     common::signal(qemu, 19); // SIGSTOP
     thread::sleep(Duration::from_secs(3));
     common::signal(qemu, 18); // SIGCONT
@@ -1041,7 +1082,14 @@ fn rst_fin_and_guest_close_mid_transfer() {
 
     // Guest close() with data in flight: a slow reader, killed mid-transfer.
     rig.guest.restart_sink("-c 4096 -d 20");
-    let (handle, progress) = rig.send_under_way(16 * MIB, MIB, Duration::from_secs(120));
+    let (handle, progress) = rig.send_under_way(
+        16 * MIB,
+        MIB,
+        SendOptions {
+            timeout: Duration::from_secs(120),
+            ..sink_opts()
+        },
+    );
     rig.guest.stop_sink();
     let r = handle.join().expect("sender thread");
     println!(
@@ -1108,17 +1156,7 @@ fn backend_restart_mid_flow() {
         (at as usize) < total,
         "[{label}] the transfer finished before the restart: make it slower"
     );
-    let r = handle.join().expect("sender thread");
-    match r {
-        Ok(r) => println!(
-            "[{label}] transfer across the restart: {} bytes hash-equal in {:.2?}",
-            r.len, r.elapsed
-        ),
-        Err(e) => {
-            let diag = rig.guest.diagnostics();
-            panic!("[{label}] transfer across the backend restart failed: {e}\n{diag}");
-        }
-    }
+    rig.join_ok("transfer across the restart", handle);
     let s2 = rig.stats();
     print_offload(label, "second vsnoop, after the flow", &s2);
     let mid = checks.reason(&s2, "passthrough", "mid_stream");
@@ -1244,18 +1282,12 @@ impl Rig {
 #[test]
 fn migration_start_and_cancel() {
     let label = "migrate";
-    let mut rig = Rig::start(
+    let (mut rig, mut qmp) = Rig::with_qmp(
         label,
         RigOptions {
-            qmp: true,
             ..RigOptions::default()
         },
     );
-    let qmp_path = rig.qmp.clone().expect("QMP socket path");
-    let mut qmp = match Qmp::connect(&qmp_path, Duration::from_secs(30)) {
-        Ok(q) => q,
-        Err(e) => panic!("[{label}] QMP: {e}\n{}", rig.guest.diagnostics()),
-    };
     let mut checks = EngineChecks::new(label);
     let s0 = rig.stats();
     print_offload(label, "before", &s0);
@@ -1399,9 +1431,375 @@ fn migration_start_and_cancel() {
     checks.finish();
 }
 
+/// A live migration that completes, to a second QEMU served by a second
+/// vsnoop on another tap, while a transfer toward the guest is under way
+/// (rule 15 end to end, and vsnoop's dirty logging: every byte it wrote
+/// into guest memory during the migration must reach the destination).
+/// Both taps are ports of one hub bridge that carries the host address, as
+/// two hosts' bridges on one network would be. The source drains; at the
+/// switchover both VMs' memories are identical page by page; the transfer
+/// completes hash-equal on the destination, whose vsnoop sees the flow
+/// mid-stream and never offloads it; a new flow there is offloaded.
+#[test]
+fn migration_completes_mid_transfer() {
+    let label = "migrate-to";
+    let (mut rig, mut qmp) = Rig::with_qmp(
+        label,
+        RigOptions {
+            bridge: true,
+            ..RigOptions::default()
+        },
+    );
+    let mut checks = EngineChecks::new(label);
+    let early = |s: &Value| off(s, "early_acks").unwrap_or(0);
+    rig.send_ok("4 MiB before the migration", 4 * MIB, &sink_opts());
+    let s0 = rig.stats();
+    checks.check(
+        early(&s0) > 0,
+        format!("no early ACKs before the migration ({})", early(&s0)),
+    );
+
+    // The destination: its own vsnoop and tap on the bridge, and a QEMU
+    // started alike, waiting for the guest's state.
+    let dst_sock = rig.dir.join("vhost-dst.sock");
+    let dst_tap = unique("vak");
+    let (dst_vsnoop, dst_control, dst_log) =
+        spawn_vsnoop(&rig.ns, &rig.dir, &dst_sock, &dst_tap, 2);
+    rig.logs.push(dst_log);
+    let incoming = rig.dir.join("migrate.sock");
+    let mut dst_cfg = rig.cfg.clone();
+    dst_cfg.backend = Backend::VhostUserClient {
+        socket: dst_sock,
+        reconnect: false,
+    };
+    // -S: the destination stays paused after the migration until `cont`, so
+    // its memory can be compared with the source's first.
+    let dst_qmp_path = rig.dir.join("qmp-dst.sock");
+    dst_cfg.extra_args = vec![
+        "-S".into(),
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", dst_qmp_path.display()),
+        "-incoming".into(),
+        format!("unix:{}", incoming.display()),
+    ];
+    let mut dst_guest = Guest::boot(&rig.ns, &dst_cfg, &rig.dir.path);
+    dst_vsnoop.wait_for_log("frontend connected", Duration::from_secs(60));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !incoming.exists() {
+        dst_guest.assert_alive(&format!("[{label}] destination QEMU"));
+        assert!(
+            Instant::now() < deadline,
+            "[{label}] the destination never listened on {}:\n{}",
+            incoming.display(),
+            dst_guest.diagnostics()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+
+    // Paced (at most 64 KiB every 4 ms), so it runs through the whole migration.
+    let total = 160 * MIB;
+    let (handle, progress) = rig.send_under_way(
+        total,
+        4 * MIB,
+        SendOptions {
+            write_chunk: 64 * 1024,
+            write_pause: Some(Duration::from_millis(4)),
+            timeout: Duration::from_secs(90),
+            ..sink_opts()
+        },
+    );
+    // One pass, then stop and copy the rest: with QEMU 7.2 under TCG a
+    // migration that iterates again after a dirty sync loses pages the
+    // guest itself writes (reproduced with QEMU's own tap backend and no
+    // vsnoop: `qemu_tcg_iterative_migration_keeps_every_page`). A downtime
+    // limit beyond the whole RAM's copy time makes QEMU stop the guest at
+    // its first check after the first bandwidth measurement.
+    rig.qmp_ok(
+        &mut qmp,
+        "migrate-set-parameters",
+        json!({ "max-bandwidth": 1u64 << 30, "downtime-limit": 10_000 }),
+    );
+    let started = Instant::now();
+    rig.qmp_ok(
+        &mut qmp,
+        "migrate",
+        json!({ "uri": format!("unix:{}", incoming.display()) }),
+    );
+    let deadline = started + Duration::from_secs(180);
+    let info = loop {
+        let (status, info) = rig.migration_status(&mut qmp);
+        if status == "completed" {
+            break info;
+        }
+        assert!(
+            Instant::now() < deadline && status != "failed" && status != "cancelled",
+            "[{label}] the migration is {status:?}: {info}\n--- destination:\n{}",
+            dst_guest.diagnostics()
+        );
+        thread::sleep(Duration::from_millis(100));
+    };
+    let at = progress.load(Ordering::Relaxed);
+    println!(
+        "[{label}] migration completed after {:.1?} (downtime {} ms, ram {}); {at} of {total} bytes written",
+        started.elapsed(),
+        info.get("downtime").unwrap_or(&Value::Null),
+        info.get("ram").unwrap_or(&Value::Null)
+    );
+    assert!(
+        (at as usize) < total,
+        "[{label}] the transfer finished before the migration completed: make it slower"
+    );
+
+    // Every page the source holds now (its rings stopped, vsnoop's last
+    // writes dirty-logged) must have reached the destination, byte for byte.
+    let mut dst_qmp = match Qmp::connect(&dst_qmp_path, Duration::from_secs(30)) {
+        Ok(q) => q,
+        Err(e) => panic!(
+            "[{label}] destination QMP: {e}\n{}",
+            dst_guest.diagnostics()
+        ),
+    };
+    wait_run_state(&mut dst_qmp, "paused", Duration::from_secs(60));
+    let differ = differing_pages(&mut qmp, &mut dst_qmp, &rig.dir, rig.cfg.mem_mb);
+    assert!(
+        differ.is_empty(),
+        "[{label}] {} guest pages differ between source and destination after the migration (first: {:x?})",
+        differ.len(),
+        &differ[..differ.len().min(20)]
+    );
+    println!(
+        "[{label}] source and destination memory identical ({} MiB)",
+        rig.cfg.mem_mb
+    );
+    // The guest's new port joins the network at the switchover (before
+    // that, the destination's tap would have queued copies of the source's
+    // traffic, the handshake included).
+    join_bridge(&rig.ns, rig.bridge.as_deref().expect("bridge"), &dst_tap);
+    if let Err(e) = dst_qmp.execute("cont", json!({})) {
+        panic!(
+            "[{label}] destination `cont`: {e}\n{}",
+            dst_guest.diagnostics()
+        );
+    }
+
+    // The source drained. QEMU stops the guest when its copy is done, not
+    // when the drain is: bytes the guest had not acknowledged yet may still
+    // be in custody. They were in guest memory (rule 3), which arrived
+    // intact, so the destination's guest has them and acknowledges them.
+    let src = rig.stats();
+    print_offload(label, "source after the migration", &src);
+    checks.check(
+        draining(&src) == Some(true) && off(&src, "drains") == Some(1),
+        format!(
+            "source: draining {:?}, drains {:?}",
+            draining(&src),
+            off(&src, "drains")
+        ),
+    );
+    println!(
+        "[{label}] the source stopped with {} bytes in custody (in guest memory)",
+        off(&src, "custody_bytes").unwrap_or(0)
+    );
+
+    // The guest runs on the destination now; the source QEMU (paused after
+    // the migration) and its vsnoop go away, as on the source host.
+    let mut src_guest = std::mem::replace(&mut rig.guest, dst_guest);
+    let src_vsnoop = std::mem::replace(&mut rig.vsnoop, dst_vsnoop);
+    rig.control = dst_control;
+    src_guest.assert_alive(&format!("[{label}] source QEMU after the migration"));
+    drop(src_guest);
+    drop(src_vsnoop);
+    rig.join_ok("transfer across the migration", handle);
+    let dst = rig.stats();
+    print_offload(label, "destination after the transfer", &dst);
+    let mid = checks.reason(&dst, "passthrough", "mid_stream");
+    checks.check(
+        mid > 0,
+        format!("destination: passthrough.mid_stream is {mid}"),
+    );
+    checks.check(
+        early(&dst) == 0,
+        format!(
+            "destination: {} early ACKs for a mid-stream flow",
+            early(&dst)
+        ),
+    );
+    rig.send_ok(
+        "4 MiB on a new flow after the migration",
+        4 * MIB,
+        &sink_opts(),
+    );
+    let dst2 = rig.stats();
+    print_offload(label, "destination after a new flow", &dst2);
+    let offloaded = checks.get(&dst2, "flows_offloaded");
+    checks.check(
+        early(&dst2) > 0 && offloaded >= 1,
+        format!(
+            "destination: a new flow was not offloaded (early ACKs {}, flows_offloaded {offloaded})",
+            early(&dst2)
+        ),
+    );
+    rig.guest_health();
+    checks.finish();
+}
+
+/// Polls `query-status` until the VM is in `state` (panics after `timeout`).
+fn wait_run_state(qmp: &mut Qmp, state: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let status = qmp.execute("query-status", json!({}));
+        if let Ok(s) = &status {
+            if s.get("status").and_then(Value::as_str) == Some(state) {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the VM never reached {state:?}: {status:?}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Guest-physical addresses of the 4 KiB pages whose contents differ
+/// between two stopped VMs (`pmemsave` of the first `mem_mb` MiB of each
+/// into `dir`, removed afterwards).
+fn differing_pages(a: &mut Qmp, b: &mut Qmp, dir: &TempDir, mem_mb: u32) -> Vec<u64> {
+    let size = u64::from(mem_mb) << 20;
+    let mut images = Vec::new();
+    for (qmp, name) in [(a, "a.mem"), (b, "b.mem")] {
+        let path = dir.join(name);
+        let file = path.display().to_string();
+        if let Err(e) = qmp.execute(
+            "pmemsave",
+            json!({ "val": 0, "size": size, "filename": file }),
+        ) {
+            panic!("pmemsave {file}: {e}");
+        }
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("read {file}: {e}"));
+        assert_eq!(bytes.len() as u64, size, "pmemsave wrote a short {file}");
+        let _ = std::fs::remove_file(&path);
+        images.push(bytes);
+    }
+    images[0]
+        .chunks(4096)
+        .zip(images[1].chunks(4096))
+        .enumerate()
+        .filter(|(_, (x, y))| x != y)
+        .map(|(i, _)| i as u64 * 4096)
+        .collect()
+}
+
 fn sink_opts() -> SendOptions {
     SendOptions {
         timeout: XFER_TIMEOUT,
         ..SendOptions::default()
     }
+}
+
+/// Not a vsnoop test: the reproduction of the QEMU 7.2 TCG problem that
+/// makes [`migration_completes_mid_transfer`] complete in one pass. The
+/// same guest, transfer and migration with QEMU's own tap backend on both
+/// sides (no vsnoop anywhere), but migrating iteratively (downtime limit
+/// 50 ms, 256 MiB/s): pages the guest writes after a dirty-bitmap sync
+/// taken while it runs are not sent again, so the destination's memory
+/// differs from the source's (descriptor tables, socket buffers) and the
+/// guest hangs or corrupts the stream. Ignored: it fails on QEMU 7.2; run
+/// it with `--ignored` to check another QEMU.
+#[test]
+#[ignore = "fails on QEMU 7.2 under TCG (an upstream bug, no vsnoop involved)"]
+fn qemu_tcg_iterative_migration_keeps_every_page() {
+    let label = "qemu-tcg-migrate";
+    prerequisites();
+    let _lock = lock();
+    let ns = Netns::new("vsxt");
+    let dir = TempDir::new("qemu-tcg-migrate");
+    let (src_tap, dst_tap) = (unique("xta"), unique("xtb"));
+    let (src_qmp, dst_qmp) = (dir.join("qmp-src.sock"), dir.join("qmp-dst.sock"));
+    let incoming = dir.join("migrate.sock");
+    let qmp_arg = |p: &std::path::Path| format!("unix:{},server=on,wait=off", p.display());
+    let mut cfg = GuestConfig::new(Backend::Tap {
+        ifname: src_tap.clone(),
+    });
+    cfg.extra_args = vec!["-qmp".into(), qmp_arg(&src_qmp)];
+    let mut src = Guest::boot(&ns, &cfg, &dir.path);
+    ns.wait_for_link(&src_tap, Duration::from_secs(30));
+    let bridge = host_bridge(&ns, &src_tap);
+    src.wait_booted(BOOT_TIMEOUT);
+    wait_ping_guest(&ns, Duration::from_secs(60));
+    let mut dst_cfg = cfg.clone();
+    dst_cfg.backend = Backend::Tap {
+        ifname: dst_tap.clone(),
+    };
+    dst_cfg.extra_args = vec![
+        "-S".into(),
+        "-qmp".into(),
+        qmp_arg(&dst_qmp),
+        "-incoming".into(),
+        format!("unix:{}", incoming.display()),
+    ];
+    let dst = Guest::boot(&ns, &dst_cfg, &dir.path);
+    ns.wait_for_link(&dst_tap, Duration::from_secs(30));
+    join_bridge(&ns, &bridge, &dst_tap);
+    let connect = |p: &std::path::Path| {
+        Qmp::connect(p, Duration::from_secs(30)).unwrap_or_else(|e| panic!("[{label}] QMP: {e}"))
+    };
+    let (mut qmp, mut dq) = (connect(&src_qmp), connect(&dst_qmp));
+    let progress = Arc::new(AtomicU64::new(0));
+    let handle = sink::spawn_send(
+        &ns,
+        GUEST_IP,
+        SINK_PORT,
+        160 * MIB,
+        &SendOptions {
+            write_chunk: 64 * 1024,
+            write_pause: Some(Duration::from_millis(4)),
+            timeout: Duration::from_secs(90),
+            progress: Some(Arc::clone(&progress)),
+            ..sink_opts()
+        },
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while progress.load(Ordering::Relaxed) < 4 * MIB as u64 {
+        assert!(Instant::now() < deadline, "[{label}] no transfer");
+        thread::sleep(Duration::from_millis(10));
+    }
+    let params = json!({ "max-bandwidth": 256u64 << 20, "downtime-limit": 50 });
+    qmp.execute("migrate-set-parameters", params)
+        .expect("migrate-set-parameters");
+    qmp.execute(
+        "migrate",
+        json!({ "uri": format!("unix:{}", incoming.display()) }),
+    )
+    .expect("migrate");
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let info = loop {
+        let info = qmp
+            .execute("query-migrate", json!({}))
+            .expect("query-migrate");
+        match info.get("status").and_then(Value::as_str) {
+            Some("completed") => break info,
+            Some("failed") | Some("cancelled") => panic!("[{label}] {info}"),
+            _ => assert!(Instant::now() < deadline, "[{label}] {info}"),
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
+    println!(
+        "[{label}] completed: downtime {} ms, dirty syncs {}",
+        info["downtime"], info["ram"]["dirty-sync-count"]
+    );
+    wait_run_state(&mut dq, "paused", Duration::from_secs(60));
+    let differ = differing_pages(&mut qmp, &mut dq, &dir, cfg.mem_mb);
+    let _ = dq.execute("cont", json!({}));
+    drop(src);
+    let sent = handle.join().expect("sender thread");
+    drop(dst);
+    assert!(
+        differ.is_empty(),
+        "[{label}] {} pages differ between source and destination (first: {:x?}); transfer: {:?}",
+        differ.len(),
+        &differ[..differ.len().min(20)],
+        sent.map(|r| r.len)
+    );
+    assert!(sent.is_ok(), "[{label}] transfer failed: {sent:?}");
 }

@@ -848,6 +848,44 @@ pub fn configure_host_tap(ns: &Netns, tap: &str) {
     ns.exec(&["ip", "link", "set", tap, "up"]);
 }
 
+/// A bridge in `ns` that carries the host address and MAC (instead of a
+/// tap, see [`configure_host_tap`]) with `tap` as its first port. It learns
+/// no addresses (ageing time 0: every frame is flooded to every port), so a
+/// guest that moves to another port (live migration to a second backend)
+/// is reached at once, without waiting for an announcement. Returns its name.
+pub fn host_bridge(ns: &Netns, tap: &str) -> String {
+    let bridge = super::unique("vbr");
+    ns.exec(&[
+        "ip",
+        "link",
+        "add",
+        &bridge,
+        "address",
+        HOST_MAC,
+        "type",
+        "bridge",
+        "ageing_time",
+        "0",
+    ]);
+    ns.exec(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{HOST_IP}/24"),
+        "dev",
+        &bridge,
+    ]);
+    join_bridge(ns, &bridge, tap);
+    ns.exec(&["ip", "link", "set", &bridge, "up"]);
+    bridge
+}
+
+/// Makes `tap` a port of `bridge` and brings it up.
+pub fn join_bridge(ns: &Netns, bridge: &str, tap: &str) {
+    ns.exec(&["ip", "link", "set", tap, "master", bridge]);
+    ns.exec(&["ip", "link", "set", tap, "up"]);
+}
+
 /// Pings the guest from the namespace until one reply arrives (or panics).
 pub fn wait_ping_guest(ns: &Netns, timeout: Duration) -> Duration {
     require_tool("busybox");

@@ -139,6 +139,12 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
+        // VSNOOP_TEST_KEEP=1 keeps the logs, consoles and sockets of a
+        // failed test for a post-mortem.
+        if thread::panicking() && std::env::var_os("VSNOOP_TEST_KEEP").is_some() {
+            eprintln!("kept {}", self.path.display());
+            return;
+        }
         let _ = fs::remove_dir_all(&self.path);
     }
 }
