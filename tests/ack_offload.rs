@@ -31,7 +31,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::guest::{
-    configure_host_tap, ensure_image, host_bridge, join_bridge, lock, receive_from_guest,
+    configure_host_tap, ensure_image, host_bridge, join_bridge, lock, qmp_args, receive_from_guest,
     wait_ping_guest, Backend, Guest, GuestConfig, GuestLock, GUEST_IP,
 };
 use common::netem::TapNetem;
@@ -136,10 +136,7 @@ impl Rig {
         cfg.append = opts.append.clone();
         let qmp = opts.qmp.then(|| dir.join("qmp.sock"));
         if let Some(path) = &qmp {
-            cfg.extra_args = vec![
-                "-qmp".into(),
-                format!("unix:{},server=on,wait=off", path.display()),
-            ];
+            cfg.extra_args = qmp_args(path).to_vec();
         }
         let guest = Guest::boot(&ns, &cfg, &dir.path);
         let mut rig = Rig {
@@ -1475,26 +1472,10 @@ fn migration_completes_mid_transfer() {
     // -S: the destination stays paused after the migration until `cont`, so
     // its memory can be compared with the source's first.
     let dst_qmp_path = rig.dir.join("qmp-dst.sock");
-    dst_cfg.extra_args = vec![
-        "-S".into(),
-        "-qmp".into(),
-        format!("unix:{},server=on,wait=off", dst_qmp_path.display()),
-        "-incoming".into(),
-        format!("unix:{}", incoming.display()),
-    ];
+    dst_cfg.extra_args = incoming_args(&dst_qmp_path, &incoming);
     let mut dst_guest = Guest::boot(&rig.ns, &dst_cfg, &rig.dir.path);
     dst_vsnoop.wait_for_log("frontend connected", Duration::from_secs(60));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !incoming.exists() {
-        dst_guest.assert_alive(&format!("[{label}] destination QEMU"));
-        assert!(
-            Instant::now() < deadline,
-            "[{label}] the destination never listened on {}:\n{}",
-            incoming.display(),
-            dst_guest.diagnostics()
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
+    dst_guest.wait_for_path(&incoming, Duration::from_secs(60));
 
     // Paced (at most 64 KiB every 4 ms), so it runs through the whole migration.
     let total = 160 * MIB;
@@ -1514,30 +1495,16 @@ fn migration_completes_mid_transfer() {
     // vsnoop: `qemu_tcg_iterative_migration_keeps_every_page`). A downtime
     // limit beyond the whole RAM's copy time makes QEMU stop the guest at
     // its first check after the first bandwidth measurement.
-    rig.qmp_ok(
-        &mut qmp,
-        "migrate-set-parameters",
-        json!({ "max-bandwidth": 1u64 << 30, "downtime-limit": 10_000 }),
-    );
     let started = Instant::now();
-    rig.qmp_ok(
-        &mut qmp,
-        "migrate",
-        json!({ "uri": format!("unix:{}", incoming.display()) }),
-    );
-    let deadline = started + Duration::from_secs(180);
-    let info = loop {
-        let (status, info) = rig.migration_status(&mut qmp);
-        if status == "completed" {
-            break info;
-        }
-        assert!(
-            Instant::now() < deadline && status != "failed" && status != "cancelled",
-            "[{label}] the migration is {status:?}: {info}\n--- destination:\n{}",
+    let params = json!({ "max-bandwidth": 1u64 << 30, "downtime-limit": 10_000 });
+    let info = migrate(&mut qmp, &incoming, params).unwrap_or_else(|e| {
+        panic!(
+            "[{label}] {e}\n--- vsnoop log:\n{}\n--- source:\n{}\n--- destination:\n{}",
+            rig.vsnoop.log_text(),
+            rig.guest.diagnostics(),
             dst_guest.diagnostics()
-        );
-        thread::sleep(Duration::from_millis(100));
-    };
+        )
+    });
     let at = progress.load(Ordering::Relaxed);
     println!(
         "[{label}] migration completed after {:.1?} (downtime {} ms, ram {}); {at} of {total} bytes written",
@@ -1643,6 +1610,40 @@ fn migration_completes_mid_transfer() {
     checks.finish();
 }
 
+/// QEMU arguments of a migration destination: paused after the migration
+/// (`-S`, until `cont`), QMP on `qmp`, the guest's state arriving on the
+/// unix socket `incoming`.
+fn incoming_args(qmp: &std::path::Path, incoming: &std::path::Path) -> Vec<String> {
+    let mut args = vec!["-S".to_string()];
+    args.extend(qmp_args(qmp));
+    args.extend(["-incoming".into(), format!("unix:{}", incoming.display())]);
+    args
+}
+
+/// Migrates the VM behind `qmp` to the destination listening on `incoming`
+/// with migration parameters `params`; returns `query-migrate`'s reply once
+/// the migration completed, or why it did not (QEMU's error, failed or
+/// cancelled, or still running after 180 s).
+fn migrate(qmp: &mut Qmp, incoming: &std::path::Path, params: Value) -> Result<Value, String> {
+    qmp.execute("migrate-set-parameters", params)?;
+    qmp.execute(
+        "migrate",
+        json!({ "uri": format!("unix:{}", incoming.display()) }),
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let info = qmp.execute("query-migrate", json!({}))?;
+        match info.get("status").and_then(Value::as_str) {
+            Some("completed") => return Ok(info),
+            Some(s @ ("failed" | "cancelled")) => return Err(format!("migration {s}: {info}")),
+            _ if Instant::now() > deadline => {
+                return Err(format!("migration still running: {info}"))
+            }
+            _ => thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
 /// Polls `query-status` until the VM is in `state` (panics after `timeout`).
 fn wait_run_state(qmp: &mut Qmp, state: &str, timeout: Duration) {
     let deadline = Instant::now() + timeout;
@@ -1719,11 +1720,10 @@ fn qemu_tcg_iterative_migration_keeps_every_page() {
     let (src_tap, dst_tap) = (unique("xta"), unique("xtb"));
     let (src_qmp, dst_qmp) = (dir.join("qmp-src.sock"), dir.join("qmp-dst.sock"));
     let incoming = dir.join("migrate.sock");
-    let qmp_arg = |p: &std::path::Path| format!("unix:{},server=on,wait=off", p.display());
     let mut cfg = GuestConfig::new(Backend::Tap {
         ifname: src_tap.clone(),
     });
-    cfg.extra_args = vec!["-qmp".into(), qmp_arg(&src_qmp)];
+    cfg.extra_args = qmp_args(&src_qmp).to_vec();
     let mut src = Guest::boot(&ns, &cfg, &dir.path);
     ns.wait_for_link(&src_tap, Duration::from_secs(30));
     let bridge = host_bridge(&ns, &src_tap);
@@ -1733,13 +1733,7 @@ fn qemu_tcg_iterative_migration_keeps_every_page() {
     dst_cfg.backend = Backend::Tap {
         ifname: dst_tap.clone(),
     };
-    dst_cfg.extra_args = vec![
-        "-S".into(),
-        "-qmp".into(),
-        qmp_arg(&dst_qmp),
-        "-incoming".into(),
-        format!("unix:{}", incoming.display()),
-    ];
+    dst_cfg.extra_args = incoming_args(&dst_qmp, &incoming);
     let dst = Guest::boot(&ns, &dst_cfg, &dir.path);
     ns.wait_for_link(&dst_tap, Duration::from_secs(30));
     join_bridge(&ns, &bridge, &dst_tap);
@@ -1767,25 +1761,7 @@ fn qemu_tcg_iterative_migration_keeps_every_page() {
         thread::sleep(Duration::from_millis(10));
     }
     let params = json!({ "max-bandwidth": 64u64 << 20, "downtime-limit": 50 });
-    qmp.execute("migrate-set-parameters", params)
-        .expect("migrate-set-parameters");
-    qmp.execute(
-        "migrate",
-        json!({ "uri": format!("unix:{}", incoming.display()) }),
-    )
-    .expect("migrate");
-    let deadline = Instant::now() + Duration::from_secs(180);
-    let info = loop {
-        let info = qmp
-            .execute("query-migrate", json!({}))
-            .expect("query-migrate");
-        match info.get("status").and_then(Value::as_str) {
-            Some("completed") => break info,
-            Some("failed") | Some("cancelled") => panic!("[{label}] {info}"),
-            _ => assert!(Instant::now() < deadline, "[{label}] {info}"),
-        }
-        thread::sleep(Duration::from_millis(100));
-    };
+    let info = migrate(&mut qmp, &incoming, params).unwrap_or_else(|e| panic!("[{label}] {e}"));
     println!(
         "[{label}] completed: downtime {} ms, dirty syncs {}",
         info["downtime"], info["ram"]["dirty-sync-count"]

@@ -112,21 +112,6 @@ fn connections(vs: &Vsnoop) -> usize {
     vs.log_text().matches("frontend connected").count()
 }
 
-/// Waits until `path` exists (a socket QEMU creates).
-fn wait_for_path(path: &Path, guest: &mut Guest, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    while !path.exists() {
-        guest.assert_alive("waiting for QEMU's vhost-user socket");
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared\n{}",
-            path.display(),
-            guest.diagnostics()
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Pings both ways; returns the (host->guest, guest->host) average RTT in ms.
 fn ping_both(ns: &Netns, guest: &mut Guest, label: &str) -> (f64, f64) {
     let waited = wait_ping_guest(ns, Duration::from_secs(30));
@@ -429,7 +414,7 @@ fn vhost_user_client_mode() {
             socket: sock.clone(),
         },
     );
-    wait_for_path(&sock, &mut guest, Duration::from_secs(30));
+    guest.wait_for_path(&sock, Duration::from_secs(30));
     let log = dir.join("vsnoop-client.log");
     let mut report = LogReport {
         logs: vec![log.clone()],

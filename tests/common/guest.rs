@@ -342,6 +342,22 @@ impl Guest {
         )
     }
 
+    /// Waits until `path` exists (a socket QEMU creates); panics with
+    /// diagnostics if QEMU exits or `timeout` passes first.
+    pub fn wait_for_path(&mut self, path: &Path, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !path.exists() {
+            self.assert_alive(&format!("waiting for QEMU to create {}", path.display()));
+            assert!(
+                Instant::now() < deadline,
+                "{} never appeared\n{}",
+                path.display(),
+                self.diagnostics()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Exit status if QEMU has exited.
     pub fn poll_exit(&mut self) -> Option<ExitStatus> {
         if self.exit.is_none() {
@@ -884,6 +900,14 @@ pub fn host_bridge(ns: &Netns, tap: &str) -> String {
 pub fn join_bridge(ns: &Netns, bridge: &str, tap: &str) {
     ns.exec(&["ip", "link", "set", tap, "master", bridge]);
     ns.exec(&["ip", "link", "set", tap, "up"]);
+}
+
+/// QEMU arguments that serve QMP on the unix socket `path`.
+pub fn qmp_args(path: &Path) -> [String; 2] {
+    [
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", path.display()),
+    ]
 }
 
 /// Pings the guest from the namespace until one reply arrives (or panics).
