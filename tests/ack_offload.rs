@@ -1357,6 +1357,19 @@ fn migration_start_and_cancel() {
             early(&s3)
         ),
     );
+    // Once the guest acknowledged what was early-ACKed before the
+    // migration, the drain is complete (the timer notices within 20 ms).
+    let drained = rig.wait_stats(
+        "drains_completed 1 and owed_bytes 0 while the migration runs",
+        Duration::from_secs(30),
+        |s| off(s, "drains_completed") == Some(1) && off(s, "owed_bytes") == Some(0),
+    );
+    checks.check(
+        draining(&drained) == Some(true),
+        "the drain completed, but offload.draining is no longer true".to_string(),
+    );
+    rig.vsnoop
+        .wait_for_log("migration drain complete after", Duration::from_secs(10));
     let (status, info) = rig.migration_status(&mut qmp);
     assert_eq!(
         status, "active",
@@ -1563,10 +1576,23 @@ fn migration_completes_mid_transfer() {
             off(&src, "drains")
         ),
     );
+    // Custody also holds bytes that arrived while draining and were never
+    // early-ACKed; only the owed ones (E - Gack, as of the source's last
+    // timer tick) were acknowledged to the sender on the guest's behalf.
     println!(
-        "[{label}] the source stopped with {} bytes in custody (in guest memory)",
+        "[{label}] the source stopped with {} bytes early-ACKed and not yet confirmed by the guest (drain completed: {}), {} bytes in custody (in guest memory)",
+        off(&src, "owed_bytes").unwrap_or(0),
+        off(&src, "drains_completed") == Some(1),
         off(&src, "custody_bytes").unwrap_or(0)
     );
+    for l in rig
+        .vsnoop
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("drain complete") || l.contains("stopped while draining"))
+    {
+        println!("[{label}] source: {l}");
+    }
 
     // The guest runs on the destination now; the source QEMU (paused after
     // the migration) and its vsnoop go away, as on the source host.

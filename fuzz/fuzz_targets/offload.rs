@@ -1355,7 +1355,7 @@ impl Run {
                 if tracing() {
                     eprintln!("set_draining({on})");
                 }
-                self.eng.set_draining(on);
+                self.eng.set_draining(on, self.now);
             }
             27 => {
                 let on = u.ratio(2, 3)?;

@@ -360,7 +360,7 @@ impl VsnoopCollector {
     /// ACK offload counters and gauges (README: ACK OFFLOAD).
     fn encode_offload(&self, enc: &mut DescriptorEncoder, tap: &[(&str, Escaped)]) -> fmt::Result {
         let o = self.shared.offload.stats();
-        let counters: [(&str, &str, u64); 12] = [
+        let counters: [(&str, &str, u64); 13] = [
             (
                 "early_acks",
                 "Early ACKs sent on the guest's behalf",
@@ -417,6 +417,11 @@ impl VsnoopCollector {
                 o.back_online,
             ),
             ("drains", "Migration drains (VHOST_F_LOG_ALL set)", o.drains),
+            (
+                "drains_completed",
+                "Migration drains completed (the guest confirmed every early-ACKed byte)",
+                o.drains_completed,
+            ),
         ];
         for (name, help, v) in counters {
             counter_family(enc, &format!("vsnoop_ack_offload_{name}"), help, tap, v)?;
@@ -452,6 +457,13 @@ impl VsnoopCollector {
             "Bytes held in custody",
             tap,
             o.custody_bytes as i64,
+        )?;
+        gauge(
+            enc,
+            "vsnoop_ack_offload_owed_bytes",
+            "Bytes acknowledged to senders and not yet acknowledged by the guest",
+            tap,
+            o.owed_bytes as i64,
         )?;
         gauge(
             enc,

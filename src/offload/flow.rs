@@ -415,6 +415,16 @@ impl Flow {
         seq_lt(self.gack, self.e)
     }
 
+    /// Bytes acknowledged to the sender that the guest has not acknowledged
+    /// yet (`E - Gack`, 0 if it owes nothing).
+    pub fn owed_bytes(&self) -> u32 {
+        if self.owes() {
+            self.e.wrapping_sub(self.gack)
+        } else {
+            0
+        }
+    }
+
     /// Whether early ACKs are allowed now.
     pub fn active(&self) -> bool {
         self.mode == Mode::Active

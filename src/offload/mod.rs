@@ -238,6 +238,9 @@ pub struct OffloadCounters {
     pub back_online: AtomicU64,
     /// Migration drains started (VHOST_F_LOG_ALL set).
     pub drains: AtomicU64,
+    /// Migration drains that completed: every early-ACKed byte confirmed
+    /// by the guest while LOG_ALL was still set.
+    pub drains_completed: AtomicU64,
     /// Offline transitions per [`OfflineReason::ALL`].
     pub offline: [AtomicU64; 9],
     /// Pass-through flows per [`PassReason::ALL`].
@@ -246,6 +249,9 @@ pub struct OffloadCounters {
     pub flows_tracked: AtomicU64,
     /// Custody bytes held now.
     pub custody_bytes: AtomicU64,
+    /// Bytes acknowledged to senders that the guest has not acknowledged
+    /// yet (the sum of `E - Gack` over the flows), as of the last timer tick.
+    pub owed_bytes: AtomicU64,
 }
 
 /// Counts one. Only the engine writes its counters, always under the engine
@@ -292,10 +298,14 @@ pub struct OffloadStats {
     pub back_online: u64,
     /// Migration drains started.
     pub drains: u64,
+    /// Migration drains completed.
+    pub drains_completed: u64,
     /// Flows tracked now.
     pub flows_tracked: u64,
     /// Custody bytes held now.
     pub custody_bytes: u64,
+    /// Bytes early-ACKed and not yet acknowledged by the guest (last tick).
+    pub owed_bytes: u64,
     /// Offline transitions by reason.
     pub offline: std::collections::BTreeMap<String, u64>,
     /// Pass-through flows by reason.
@@ -338,8 +348,10 @@ impl OffloadCounters {
             flows_passthrough: get(&self.flows_passthrough),
             back_online: get(&self.back_online),
             drains: get(&self.drains),
+            drains_completed: get(&self.drains_completed),
             flows_tracked: get(&self.flows_tracked),
             custody_bytes: get(&self.custody_bytes),
+            owed_bytes: get(&self.owed_bytes),
             offline: OfflineReason::ALL
                 .iter()
                 .zip(&self.offline)
@@ -358,6 +370,8 @@ impl OffloadCounters {
 pub struct AckOffload {
     cfg: OffloadConfig,
     draining: bool,
+    /// When the current migration drain started, until it completes.
+    drain_started: Option<u64>,
     flows: FlowTable,
     /// Every flow with `Gack < E` (pinned; checked by the timer), by key and
     /// [`Flow::id`], plus flows that stopped owing or were forgotten since
@@ -406,6 +420,7 @@ impl AckOffload {
         AckOffload {
             cfg,
             draining: false,
+            drain_started: None,
             flows: FlowTable::default(),
             owed: Vec::new(),
             custody_bytes: 0,
@@ -430,10 +445,15 @@ impl AckOffload {
         self.cfg.enabled
     }
 
-    /// Migration started (VHOST_F_LOG_ALL set) or ended (rule 15).
-    pub fn set_draining(&mut self, on: bool) {
+    /// Migration started (VHOST_F_LOG_ALL set) or ended (rule 15) at
+    /// `now`. The timer notices when the drain completes.
+    pub fn set_draining(&mut self, on: bool, now: u64) {
         if on && !self.draining {
             inc(&self.counters.drains);
+            self.drain_started = Some(now);
+        }
+        if !on {
+            self.drain_started = None;
         }
         self.draining = on;
     }
@@ -446,6 +466,16 @@ impl AckOffload {
     /// Whether every flow's guest ACK has caught up with what the sender saw.
     pub fn drained(&self) -> bool {
         self.owed.iter().all(|e| self.owing(e).is_none())
+    }
+
+    /// Bytes acknowledged to senders that the guest has not acknowledged
+    /// yet, over all flows.
+    pub fn owed_bytes(&self) -> u64 {
+        self.owed
+            .iter()
+            .filter_map(|e| self.owing(e))
+            .map(|f| u64::from(f.owed_bytes()))
+            .sum()
     }
 
     /// The flow of an `owed` entry, if it is still that flow and it owes.
@@ -828,6 +858,19 @@ impl AckOffload {
         for key in due {
             self.redeliver(&key, now);
         }
+        self.counters
+            .owed_bytes
+            .store(self.owed_bytes(), Ordering::Relaxed);
+        if let Some(started) = self.drain_started.filter(|_| self.owed.is_empty()) {
+            // Every flow's guest ACK caught up: the source may stop the
+            // guest without acknowledged bytes outside guest memory's reach.
+            self.drain_started = None;
+            inc(&self.counters.drains_completed);
+            log::info!(
+                "migration drain complete after {} ms: the guest acknowledged every early-ACKed byte",
+                now.saturating_sub(started) / 1_000_000
+            );
+        }
         if now.saturating_sub(self.last_sweep) >= SWEEP_NS {
             self.last_sweep = now;
             let mut freed = 0usize;
@@ -1010,13 +1053,18 @@ impl OffloadPort {
     /// Migration drain on/off.
     pub fn set_draining(&self, on: bool) {
         let mut e = self.lock();
-        e.set_draining(on);
+        e.set_draining(on, crate::timing::now_ns());
         self.draining.store(on, Ordering::Relaxed);
     }
 
     /// Whether a migration drain is on.
     pub fn draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Bytes acknowledged to senders and not yet by the guest, now.
+    pub fn owed_bytes(&self) -> u64 {
+        self.lock().owed_bytes()
     }
 
     /// Whether early ACKs are on.

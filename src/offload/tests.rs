@@ -1017,17 +1017,42 @@ fn rule_15_draining_stops_early_acks_but_keeps_rewriting() {
     h.handshake();
     let start = h.rseq;
     h.data(1000).unwrap();
-    h.eng.set_draining(true);
+    h.eng.set_draining(true, h.now);
     assert!(h.data(1000).is_none());
     assert!(!h.eng.drained());
+    h.eng.tick(h.now);
+    assert_eq!(h.stats().owed_bytes, 1000, "early-ACKed, not yet confirmed");
+    assert_eq!(h.stats().drains_completed, 0);
     let ts = h.ts_g();
     assert_eq!(h.guest_ack(start, 1000, ts).0, TxVerdict::Suppress);
     let ts = h.ts_g();
     h.guest_ack(h.rseq, 1000, ts);
     assert!(h.eng.drained());
-    h.eng.set_draining(false);
+    h.eng.tick(h.now);
+    assert_eq!(h.stats().owed_bytes, 0);
+    assert_eq!(h.stats().drains_completed, 1);
+    h.eng.tick(h.now);
+    assert_eq!(h.stats().drains_completed, 1, "one drain completes once");
+    h.eng.set_draining(false, h.now);
     assert!(h.data(10).is_some());
     assert_eq!(h.stats().drains, 1);
+}
+
+#[test]
+fn a_drain_that_starts_with_nothing_owed_completes_at_the_next_tick() {
+    let mut h = Harness::new(Conn::default());
+    h.handshake();
+    h.eng.set_draining(true, h.now);
+    h.eng.tick(h.now);
+    assert_eq!(h.stats().drains_completed, 1);
+    // Cancelled before completing: not counted as completed.
+    h.eng.set_draining(false, h.now);
+    h.data(100).unwrap();
+    h.eng.set_draining(true, h.now);
+    h.eng.set_draining(false, h.now);
+    h.eng.tick(h.now);
+    assert_eq!(h.stats().drains, 2);
+    assert_eq!(h.stats().drains_completed, 1);
 }
 
 #[test]
@@ -1074,7 +1099,7 @@ fn timestamps_off_wscale_off_and_ipv6_work() {
 fn an_ack_that_raises_e_is_never_suppressed_even_with_a_dsack() {
     let mut h = Harness::new(Conn::default());
     h.handshake();
-    h.eng.set_draining(true);
+    h.eng.set_draining(true, h.now);
     let start = h.rseq;
     assert!(h.data(1448).is_none());
     // The guest acknowledges the data (E was not moved by us while

@@ -345,6 +345,18 @@ impl VhostUserBackend for NetBackend {
             pair.tx.used.reset();
         } else {
             pair.rx.used.reset();
+            if queue_index == 0 && self.shared.offload.draining() {
+                // The frontend stops the rings at a migration's switchover,
+                // with the guest already stopped: what it still owes stays
+                // owed (in guest memory, which migrates with it).
+                match self.shared.offload.owed_bytes() {
+                    0 => info!("rings stopped while draining: the guest acknowledged every early-ACKed byte"),
+                    owed => warn!(
+                        "rings stopped while draining: {owed} early-ACKed bytes not yet acknowledged by the guest; \
+                         they are in guest memory, but no backend can re-deliver them if the guest drops them"
+                    ),
+                }
+            }
             if let Some((rx, _)) = pair.vrings.clone() {
                 pair.rx.return_held_chains(rx.get_mut().get_queue_mut());
             }
