@@ -25,6 +25,7 @@ use crate::export::capture::CaptureStatus;
 use crate::export::control::{
     AckOffloadReply, CaptureReply, FlowsReply, QueueCounters, Request, StatsReply,
 };
+use crate::offload::OffloadStats;
 
 /// How long to wait for a reply (a snapshot of many flows takes a while).
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -313,6 +314,66 @@ fn format_delays(s: &StatsReply) -> String {
     out
 }
 
+/// `name N, name N` of the non-zero counts of a by-reason map, `-` if none.
+fn nonzero(by_reason: &std::collections::BTreeMap<String, u64>) -> String {
+    let parts: Vec<String> = by_reason
+        .iter()
+        .filter(|(_, v)| **v != 0)
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect();
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
+/// The ACK offload counters (README: ACK OFFLOAD), a few lines.
+fn format_offload(o: &OffloadStats) -> String {
+    let mut out = format!(
+        "ack offload: {} flows tracked, {} offloaded, {} passed through ({})\n",
+        o.flows_tracked,
+        o.flows_offloaded,
+        o.flows_passthrough,
+        nonzero(&o.passthrough)
+    );
+    let _ = writeln!(
+        out,
+        "  early ACKs {} for {} bytes; guest ACKs {} suppressed, {} rewritten",
+        o.early_acks, o.early_acked_bytes, o.guest_acks_suppressed, o.guest_acks_rewritten
+    );
+    let _ = writeln!(
+        out,
+        "  custody {} bytes held, {} owed by the guest; re-delivered {} bytes in {} attempts ({} frames dropped), {} resets",
+        o.custody_bytes,
+        o.owed_bytes,
+        o.redelivered_bytes,
+        o.redeliveries,
+        o.redelivery_dropped,
+        o.resets
+    );
+    let _ = writeln!(
+        out,
+        "  offline ({}), back online {}",
+        nonzero(&o.offline),
+        o.back_online
+    );
+    if o.draining || o.drains > 0 {
+        let _ = writeln!(
+            out,
+            "  migration: {}; {} drains started, {} completed",
+            if o.draining {
+                "draining (no new early ACKs)"
+            } else {
+                "not migrating"
+            },
+            o.drains,
+            o.drains_completed
+        );
+    }
+    out
+}
+
 /// Counters in the order of the README table (packets first).
 const MAIN_COUNTERS: [&str; 4] = ["rx_packets", "rx_bytes", "tx_packets", "tx_bytes"];
 
@@ -349,6 +410,8 @@ fn format_stats(s: &StatsReply) -> String {
     let mut out = format_header(s);
     out.push('\n');
     out.push_str(&format_delays(s));
+    out.push('\n');
+    out.push_str(&format_offload(&s.offload));
     out.push('\n');
     out.push_str(&format_queues(&s.queues));
     out
@@ -569,6 +632,8 @@ fn format_top(s: &StatsReply, now: Totals, delta: Option<(Duration, Totals)>) ->
     out.push('\n');
     out.push_str(&format_delays(s));
     out.push('\n');
+    out.push_str(&format_offload(&s.offload));
+    out.push('\n');
     if s.flows.is_empty() {
         out.push_str("no flows tracked\n");
     } else {
@@ -655,7 +720,25 @@ mod tests {
             flows: vec![flow()],
             ..Default::default()
         };
+        let mut s = s;
+        s.offload.early_acks = 7;
+        s.offload.early_acked_bytes = 10_136;
+        s.offload.owed_bytes = 1448;
+        s.offload.offline.insert("zero_window".into(), 2);
+        s.offload.offline.insert("hole".into(), 0);
         let text = format_stats(&s);
+        assert!(text.contains("early ACKs 7 for 10136 bytes"), "{text}");
+        assert!(text.contains("1448 owed by the guest"), "{text}");
+        assert!(text.contains("offline (zero_window 2)"), "{text}");
+        assert!(text.contains("passed through (-)"), "{text}");
+        assert!(!text.contains("migration:"), "{text}");
+        s.offload.draining = true;
+        s.offload.drains = 1;
+        let text = format_stats(&s);
+        assert!(
+            text.contains("migration: draining (no new early ACKs); 1 drains started, 0 completed"),
+            "{text}"
+        );
         assert!(text.contains("up 1h02m05s"), "{text}");
         assert!(text.contains("queue 0: rx 10 packets 10 bytes"), "{text}");
         assert!(text.contains("rx_drop_bad_chain=2"), "{text}");
