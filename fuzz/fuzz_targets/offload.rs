@@ -33,9 +33,7 @@
 //! Environment: `OFFLOAD_FUZZ_TRACE=1` prints every operation, the engine's
 //! verdicts and frames and each flow's mode (to read a crash:
 //! `OFFLOAD_FUZZ_TRACE=1 fuzz/target/x86_64-unknown-linux-gnu/release/offload
-//! <artifact>`); `OFFLOAD_FUZZ_AVOID_KNOWN=1` keeps the inputs away from a
-//! known, not yet fixed engine bug (see `avoid_known`) so a run can look for
-//! others.
+//! <artifact>`).
 #![no_main]
 
 use std::collections::BTreeSet;
@@ -727,10 +725,6 @@ fn guest_frame(
                     (l, l + i64::from(u.int_in_range(1u16..=10_000)?))
                 }
             };
-            if avoid_known() && r <= ack_off {
-                // A block below the ACK gets an advancing ACK suppressed.
-                continue;
-            }
             sack.push((s.rseq(l), s.rseq(r)));
         }
     }
@@ -835,15 +829,6 @@ struct Run {
 fn tracing() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var_os("OFFLOAD_FUZZ_TRACE").is_some())
-}
-
-/// `OFFLOAD_FUZZ_AVOID_KNOWN=1`: stay away from a known engine bug so the
-/// fuzzer can look for others: a guest pure ACK that acknowledges past E
-/// and carries a SACK block below its own ACK (a D-SACK) is suppressed,
-/// because E is raised before the "reaches E with only a stale SACK" test.
-fn avoid_known() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var_os("OFFLOAD_FUZZ_AVOID_KNOWN").is_some())
 }
 
 /// One line about a frame, for the trace.
