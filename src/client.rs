@@ -339,8 +339,12 @@ fn format_offload(o: &OffloadStats) -> String {
     );
     let _ = writeln!(
         out,
-        "  early ACKs {} for {} bytes; guest ACKs {} suppressed, {} rewritten",
-        o.early_acks, o.early_acked_bytes, o.guest_acks_suppressed, o.guest_acks_rewritten
+        "  early ACKs {} for {} bytes ({} with ECE); guest ACKs {} suppressed, {} rewritten",
+        o.early_acks,
+        o.early_acked_bytes,
+        o.ece_acks,
+        o.guest_acks_suppressed,
+        o.guest_acks_rewritten
     );
     let _ = writeln!(
         out,
@@ -727,7 +731,10 @@ mod tests {
         s.offload.offline.insert("zero_window".into(), 2);
         s.offload.offline.insert("hole".into(), 0);
         let text = format_stats(&s);
-        assert!(text.contains("early ACKs 7 for 10136 bytes"), "{text}");
+        assert!(
+            text.contains("early ACKs 7 for 10136 bytes (0 with ECE)"),
+            "{text}"
+        );
         assert!(text.contains("1448 owed by the guest"), "{text}");
         assert!(text.contains("offline (zero_window 2)"), "{text}");
         assert!(text.contains("passed through (-)"), "{text}");

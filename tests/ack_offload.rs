@@ -601,9 +601,10 @@ fn bulk_host_to_guest() {
     println!("[{label}] vsnoop stats:\n{text}");
     let again = rig.stats();
     let line = format!(
-        "early ACKs {} for {} bytes; guest ACKs {} suppressed, {} rewritten",
+        "early ACKs {} for {} bytes ({} with ECE); guest ACKs {} suppressed, {} rewritten",
         checks.get(&again, "early_acks"),
         checks.get(&again, "early_acked_bytes"),
+        checks.get(&again, "ece_acks"),
         checks.get(&again, "guest_acks_suppressed"),
         checks.get(&again, "guest_acks_rewritten")
     );
@@ -752,6 +753,59 @@ fn netem_loss_reorder_duplicate() {
             "[{label}] tapnetem {key} is 0: the impairment did not happen ({netem:?})"
         );
     }
+    rig.guest_health();
+    checks.finish();
+}
+
+/// ECN (rule 11) with real stacks: the sender asks for ECN (its namespace's
+/// `net.ipv4.tcp_ecn=1`; the guest accepts, Linux's default), and tapnetem
+/// marks 2 % of the ECN-capable frames toward the guest CE, as an AQM
+/// router would. The flow is offloaded (classic ECN is allowed), early ACKs
+/// echo the marks with ECE (`ece_acks`), the sender sees them
+/// (TcpExtTCPDeliveredCE grows) and the transfer is hash-equal.
+#[test]
+fn ecn_ce_marks_are_echoed() {
+    let label = "ecn";
+    let mut rig = Rig::start(
+        label,
+        RigOptions {
+            netem: Some(vec!["--ce", "2"]),
+            ..RigOptions::default()
+        },
+    );
+    let mut checks = EngineChecks::new(label);
+    rig.ns.exec(&["sysctl", "-qw", "net.ipv4.tcp_ecn=1"]);
+    let nst0 = sink::nstat(&rig.ns, &["TcpExtTCPDeliveredCE"]);
+    let r = rig.send_ok("16 MiB with CE marks", 16 * MIB, &sink_opts());
+    let nst1 = sink::nstat(&rig.ns, &["TcpExtTCPDeliveredCE"]);
+    let s = rig.stats();
+    print_offload(label, "after", &s);
+    let netem = rig.netem.as_ref().unwrap().counters();
+    println!("[{label}] tapnetem {netem:?}");
+    assert_eq!(
+        r.negotiated.map(|n| n.ecn),
+        Some(true),
+        "[{label}] the connection did not negotiate ECN"
+    );
+    let marked = netem.get("ce_marked").copied().unwrap_or(0);
+    assert!(
+        marked > 0,
+        "[{label}] tapnetem marked nothing CE ({netem:?})"
+    );
+    let offloaded = checks.get(&s, "flows_offloaded");
+    let early = checks.get(&s, "early_acks");
+    let ece = checks.get(&s, "ece_acks");
+    checks.check(offloaded == 1, format!("flows_offloaded is {offloaded}"));
+    checks.check(
+        ece > 0 && ece <= early,
+        format!("ece_acks is {ece} of {early} early ACKs after {marked} CE marks"),
+    );
+    let seen = delta(&nst1, &nst0, "TcpExtTCPDeliveredCE");
+    checks.check(
+        seen > 0,
+        "the sender's TcpExtTCPDeliveredCE did not grow: no ECE reached it".to_string(),
+    );
+    println!("[{label}] {marked} CE marks, {ece} of {early} early ACKs with ECE, sender TCPDeliveredCE +{seen}");
     rig.guest_health();
     checks.finish();
 }

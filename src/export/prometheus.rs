@@ -360,7 +360,7 @@ impl VsnoopCollector {
     /// ACK offload counters and gauges (README: ACK OFFLOAD).
     fn encode_offload(&self, enc: &mut DescriptorEncoder, tap: &[(&str, Escaped)]) -> fmt::Result {
         let o = self.shared.offload.stats();
-        let counters: [(&str, &str, u64); 13] = [
+        let counters: [(&str, &str, u64); 14] = [
             (
                 "early_acks",
                 "Early ACKs sent on the guest's behalf",
@@ -370,6 +370,11 @@ impl VsnoopCollector {
                 "early_acked_bytes",
                 "Bytes acknowledged early",
                 o.early_acked_bytes,
+            ),
+            (
+                "ece_acks",
+                "Early ACKs that carried ECE (a CE mark echoed)",
+                o.ece_acks,
             ),
             (
                 "guest_acks_suppressed",

@@ -185,6 +185,16 @@ impl Template {
     }
 }
 
+/// An early ACK [`Flow::early_ack`] emitted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EarlyAck {
+    /// Bytes it newly acknowledged.
+    pub bytes: u32,
+    /// It carried ECE (rule 11: a CE-marked segment was early-ACKed and
+    /// the sender's CWR has not arrived yet).
+    pub ece: bool,
+}
+
 /// Tunables the rules need.
 #[derive(Clone, Copy, Debug)]
 pub struct FlowLimits {
@@ -793,9 +803,8 @@ impl Flow {
     }
 
     /// The early ACK for data published up to D, if the rules allow one
-    /// now (rules 2, 6-9, 11). Appends the frame to `out`; returns the
-    /// bytes newly acknowledged.
-    pub fn early_ack(&mut self, limits: FlowLimits, out: &mut Vec<u8>) -> Option<u32> {
+    /// now (rules 2, 6-9, 11). Appends the frame to `out`.
+    pub fn early_ack(&mut self, limits: FlowLimits, out: &mut Vec<u8>) -> Option<EarlyAck> {
         if !self.active() {
             return None;
         }
@@ -855,7 +864,10 @@ impl Flow {
             })
         });
         tpl.emit(self.snd_nxt, ack, flag_bits, window, timestamps, out);
-        let acked = ack.wrapping_sub(self.e);
+        let acked = EarlyAck {
+            bytes: ack.wrapping_sub(self.e),
+            ece: self.ece_pending,
+        };
         self.e = ack;
         self.reached_e = false;
         self.edge_sent = seq_max(

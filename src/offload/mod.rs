@@ -218,6 +218,8 @@ pub struct OffloadCounters {
     pub early_acks: AtomicU64,
     /// Bytes those ACKs acknowledged.
     pub early_acked_bytes: AtomicU64,
+    /// Early ACKs that carried ECE (rule 11).
+    pub ece_acks: AtomicU64,
     /// Guest ACKs not sent (the sender no longer needed them).
     pub guest_acks_suppressed: AtomicU64,
     /// Guest packets whose ack/window/TSecr/SACK were rewritten.
@@ -278,6 +280,8 @@ pub struct OffloadStats {
     pub early_acks: u64,
     /// Bytes acknowledged early.
     pub early_acked_bytes: u64,
+    /// Early ACKs with ECE.
+    pub ece_acks: u64,
     /// Guest ACKs suppressed.
     pub guest_acks_suppressed: u64,
     /// Guest packets rewritten.
@@ -338,6 +342,7 @@ impl OffloadCounters {
             draining,
             early_acks: get(&self.early_acks),
             early_acked_bytes: get(&self.early_acked_bytes),
+            ece_acks: get(&self.ece_acks),
             guest_acks_suppressed: get(&self.guest_acks_suppressed),
             guest_acks_rewritten: get(&self.guest_acks_rewritten),
             redeliveries: get(&self.redeliveries),
@@ -762,7 +767,10 @@ impl AckOffload {
             return false;
         };
         inc(&self.counters.early_acks);
-        add(&self.counters.early_acked_bytes, u64::from(acked));
+        add(&self.counters.early_acked_bytes, u64::from(acked.bytes));
+        if acked.ece {
+            inc(&self.counters.ece_acks);
+        }
         let owes = f.owes();
         Self::note_owing(&mut self.owed, token.key, f, owes);
         true

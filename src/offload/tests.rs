@@ -916,6 +916,8 @@ fn rule_11_ce_marks_are_echoed_until_cwr() {
         })
         .unwrap();
     assert!(!parse(&a).has(flags::ECE));
+    assert_eq!(h.stats().ece_acks, 2, "the two early ACKs with ECE");
+    assert_eq!(h.stats().early_acks, 3);
 }
 
 #[test]

@@ -5,8 +5,9 @@ This machine's kernel has no sch_netem (`tc qdisc add ... netem` answers
 "Specified qdisc kind is unknown"), so the tests impair traffic here instead:
 frames read from one tap are written to the other after a fixed delay, with
 optional loss, duplication and reordering (netem's semantics: a reordered
-frame skips the delay). The other direction passes unchanged unless
---both-ways.
+frame skips the delay), and ECN congestion marks (--ce: an IPv4 frame whose
+ECN field is ECT(0) or ECT(1) becomes CE, as an AQM router marks instead of
+dropping). The other direction passes unchanged unless --both-ways.
 
 Typical use (all inside a private network namespace):
 
@@ -17,7 +18,7 @@ Typical use (all inside a private network namespace):
 The taps are created (IFF_TAP | IFF_NO_PI) if missing; the caller puts A in
 the bridge and gives B the host address. Prints "READY" once both taps are
 open, and on SIGTERM/SIGINT (or SIGUSR1, without exiting) one line of
-counters: forwarded, dropped, duplicated, reordered, and the median and
+counters: forwarded, dropped, duplicated, reordered, ce_marked, and the median and
 largest lateness of delayed frames behind their due time, in microseconds
 (the delay really added is the configured one plus this lateness).
 """
@@ -45,6 +46,25 @@ def open_tap(name):
     return fd
 
 
+def mark_ce(frame):
+    """The frame with its IPv4 ECN field set to CE and the header checksum
+    recomputed, or None if it is not ECN-capable IPv4 (Not-ECT stays, as a
+    router would drop it instead; CE is already marked)."""
+    if len(frame) < 34 or frame[12:14] != b"\x08\x00" or frame[14] >> 4 != 4:
+        return None
+    ihl = (frame[14] & 0x0F) * 4
+    if ihl < 20 or len(frame) < 14 + ihl or frame[15] & 3 not in (1, 2):
+        return None
+    b = bytearray(frame)
+    b[15] |= 3
+    b[24:26] = b"\0\0"
+    total = sum(struct.unpack(f"!{ihl // 2}H", bytes(b[14:14 + ihl])))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    b[24:26] = struct.pack("!H", ~total & 0xFFFF)
+    return bytes(b)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--a", required=True, help="tap toward the guest (bridge side)")
@@ -54,6 +74,8 @@ def main():
     p.add_argument("--duplicate", type=float, default=0.0, help="percent of B->A frames sent twice")
     p.add_argument("--reorder", type=float, default=0.0,
                    help="percent of B->A frames sent at once, overtaking delayed ones")
+    p.add_argument("--ce", type=float, default=0.0,
+                   help="percent of ECN-capable IPv4 B->A frames marked CE")
     p.add_argument("--both-ways", action="store_true", help="impair A->B too")
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args()
@@ -62,7 +84,7 @@ def main():
     fd_a, fd_b = open_tap(args.a), open_tap(args.b)
     delay_ns = int(args.delay_ms * 1e6)
     counts = {"forwarded": 0, "dropped": 0, "duplicated": 0, "reordered": 0,
-              "late_us_p50": 0, "late_us_max": 0}
+              "ce_marked": 0, "late_us_p50": 0, "late_us_max": 0}
     lateness = []  # microseconds behind the due time, per delayed frame
     queue = []  # (due ns, sequence, fd, frame)
     seq = 0
@@ -94,6 +116,11 @@ def main():
         if rng.random() * 100 < args.loss:
             counts["dropped"] += 1
             return
+        if args.ce and rng.random() * 100 < args.ce:
+            marked = mark_ce(frame)
+            if marked is not None:
+                counts["ce_marked"] += 1
+                frame = marked
         copies = 2 if rng.random() * 100 < args.duplicate else 1
         counts["duplicated"] += copies - 1
         for _ in range(copies):
