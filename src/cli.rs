@@ -173,14 +173,21 @@ pub enum Command {
         #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
         interval: f64,
     },
-    /// Switch the ACK offload of a running daemon.
+    /// Switch the ACK offload of a running daemon, or (without on|off) list
+    /// its flows: mode, reason, bytes owed and held in custody.
     AckOffload {
         /// The daemon's --control socket.
         #[arg(long, value_name = "PATH")]
         control: PathBuf,
-        /// New state.
+        /// New state; without it, the offload's flows are listed.
         #[arg(value_enum, value_name = "on|off")]
-        state: Switch,
+        state: Option<Switch>,
+        /// Print the flow list as JSON (the `offload_flows` reply).
+        #[arg(long, conflicts_with = "state")]
+        json: bool,
+        /// Flows listed at most (those owing the sender most bytes first).
+        #[arg(long, value_name = "N", default_value_t = 50, conflicts_with = "state")]
+        limit: usize,
     },
     /// Start, stop or query the capture of a running daemon.
     Capture {

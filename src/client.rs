@@ -23,7 +23,8 @@ use crate::attribution::snapshot::{DelaySummary, FlowSummary, Summary};
 use crate::cli::{CaptureAction, Command, Switch};
 use crate::export::capture::CaptureStatus;
 use crate::export::control::{
-    AckOffloadReply, CaptureReply, FlowsReply, QueueCounters, Request, StatsReply,
+    AckOffloadReply, CaptureReply, FlowsReply, OffloadFlowsReply, QueueCounters, Request,
+    StatsReply,
 };
 use crate::offload::OffloadStats;
 
@@ -67,12 +68,32 @@ pub fn run(command: Command) -> Result<()> {
             }
         }
         Command::Top { control, interval } => top(&control, interval)?,
-        Command::AckOffload { control, state } => {
+        Command::AckOffload {
+            control,
+            state: Some(state),
+            ..
+        } => {
             let mut client = ControlClient::connect(&control)?;
             let reply: AckOffloadReply = client.request(&Request::AckOffload {
                 on: state == Switch::On,
             })?;
             emit(&format!("ack offload: {}\n", on_off(reply.ack_offload)))?;
+        }
+        Command::AckOffload {
+            control,
+            state: None,
+            json,
+            limit,
+        } => {
+            let mut client = ControlClient::connect(&control)?;
+            let request = Request::OffloadFlows { limit: Some(limit) };
+            if json {
+                let value = client.request_value(&request)?;
+                emit(&format!("{value}\n"))?;
+            } else {
+                let reply: OffloadFlowsReply = client.request(&request)?;
+                emit(&format_offload_flows(&reply))?;
+            }
         }
         Command::Capture { control, action } => {
             let request = match action {
@@ -378,6 +399,69 @@ fn format_offload(o: &OffloadStats) -> String {
     out
 }
 
+/// `vsnoop ack-offload` without on|off: the switch and the flow table.
+fn format_offload_flows(reply: &OffloadFlowsReply) -> String {
+    let mut out = format!(
+        "ack offload: {}, {} flows tracked{}\n",
+        on_off(reply.ack_offload),
+        reply.flows_tracked,
+        if (reply.flows.len() as u64) < reply.flows_tracked {
+            format!(" ({} shown)", reply.flows.len())
+        } else {
+            String::new()
+        }
+    );
+    if reply.flows.is_empty() {
+        return out;
+    }
+    let rows: Vec<[String; 7]> = reply
+        .flows
+        .iter()
+        .map(|f| {
+            [
+                endpoint(&f.guest, f.guest_port),
+                endpoint(&f.remote, f.remote_port),
+                f.mode.clone(),
+                f.reason.clone().unwrap_or_else(|| "-".into()),
+                f.owed_bytes.to_string(),
+                f.custody_bytes.to_string(),
+                format!("{:.1}", f.idle_s),
+            ]
+        })
+        .collect();
+    let header = [
+        "GUEST", "REMOTE", "MODE", "REASON", "OWED", "CUSTODY", "IDLE_S",
+    ];
+    let width = |i: usize| {
+        rows.iter()
+            .map(|r| r[i].len())
+            .chain([header[i].len()])
+            .max()
+            .unwrap_or(0)
+    };
+    let widths: Vec<usize> = (0..header.len()).map(width).collect();
+    let mut line = |cells: &[&str]| {
+        let text: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                // Text columns left-aligned, numbers right-aligned.
+                if i < 4 {
+                    format!("{c:<w$}", w = widths[i])
+                } else {
+                    format!("{c:>w$}", w = widths[i])
+                }
+            })
+            .collect();
+        let _ = writeln!(out, "{}", text.join("  ").trim_end());
+    };
+    line(&header);
+    for r in &rows {
+        line(&r.each_ref().map(String::as_str));
+    }
+    out
+}
+
 /// Counters in the order of the README table (packets first).
 const MAIN_COUNTERS: [&str; 4] = ["rx_packets", "rx_bytes", "tx_packets", "tx_bytes"];
 
@@ -651,6 +735,7 @@ fn format_top(s: &StatsReply, now: Totals, delta: Option<(Duration, Totals)>) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::offload::OffloadFlow;
 
     fn flow() -> FlowSummary {
         let mut f = FlowSummary {
@@ -772,6 +857,50 @@ mod tests {
         assert_eq!(ms(&one, 0.25), "0.250");
         assert_eq!(ms(&one, 12.5), "12.500");
         assert_eq!(ms(&Summary::default(), 1.0), "-");
+    }
+
+    #[test]
+    fn offload_flow_table_is_aligned() {
+        let flow = |guest: &str, mode: &str, reason: Option<&str>, owed: u64| OffloadFlow {
+            guest: guest.into(),
+            guest_port: 5001,
+            remote: "10.77.0.1".into(),
+            remote_port: 40312,
+            mode: mode.into(),
+            reason: reason.map(Into::into),
+            owed_bytes: owed,
+            custody_bytes: owed + 1448,
+            idle_s: 0.25,
+        };
+        let reply = OffloadFlowsReply {
+            ack_offload: true,
+            flows_tracked: 3,
+            flows: vec![
+                flow("10.77.0.2", "active", None, 65160),
+                flow("fd77::2", "pass_through", Some("mid_stream"), 0),
+            ],
+        };
+        let text = format_offload_flows(&reply);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "ack offload: on, 3 flows tracked (2 shown)");
+        assert!(lines[1].starts_with("GUEST "), "{text}");
+        assert!(lines[2].starts_with("10.77.0.2:5001 "), "{text}");
+        assert!(lines[3].starts_with("[fd77::2]:5001 "), "{text}");
+        assert!(lines[3].contains(" pass_through  mid_stream "), "{text}");
+        assert!(lines[2].contains(" active        - "), "{text}");
+        // Right-aligned numbers end in the same column.
+        let end = |l: &str, s: &str| l.find(s).unwrap() + s.len();
+        assert_eq!(end(lines[1], "CUSTODY"), end(lines[2], "66608"));
+        assert_eq!(end(lines[1], "CUSTODY"), end(lines[3], " 1448"));
+        assert!(
+            lines[2].ends_with(" 0.2") || lines[2].ends_with(" 0.3"),
+            "{text}"
+        );
+        let none = OffloadFlowsReply::default();
+        assert_eq!(
+            format_offload_flows(&none),
+            "ack offload: off, 0 flows tracked\n"
+        );
     }
 
     #[test]

@@ -181,38 +181,73 @@ impl Rig {
         }
     }
 
-    /// The output of `vsnoop stats --control SOCK` with `extra` arguments.
-    fn run_stats(&self, extra: &[&str]) -> Vec<u8> {
+    /// The output of `vsnoop SUBCOMMAND --control SOCK` with `extra` arguments.
+    fn run_client(&self, subcommand: &str, extra: &[&str]) -> Vec<u8> {
         let out = Command::new(env!("CARGO_BIN_EXE_vsnoop"))
-            .arg("stats")
+            .arg(subcommand)
             .arg("--control")
             .arg(&self.control)
             .args(extra)
             .output()
-            .expect("run vsnoop stats");
+            .unwrap_or_else(|e| panic!("run vsnoop {subcommand}: {e}"));
         assert!(
             out.status.success(),
-            "[{}] vsnoop stats failed: {}",
+            "[{}] vsnoop {subcommand} failed: {}",
             self.label,
             String::from_utf8_lossy(&out.stderr)
         );
         out.stdout
     }
 
+    /// `vsnoop SUBCOMMAND --control SOCK --json`, parsed.
+    fn client_json(&self, subcommand: &str) -> Value {
+        let out = self.run_client(subcommand, &["--json"]);
+        serde_json::from_slice(&out).unwrap_or_else(|e| {
+            panic!(
+                "{subcommand} --json is not JSON ({e}): {}",
+                String::from_utf8_lossy(&out)
+            )
+        })
+    }
+
     /// `vsnoop stats --control SOCK`, the readable form.
     fn stats_text(&self) -> String {
-        String::from_utf8_lossy(&self.run_stats(&[])).into_owned()
+        String::from_utf8_lossy(&self.run_client("stats", &[])).into_owned()
     }
 
     /// `vsnoop stats --control SOCK --json`, parsed.
     fn stats(&self) -> Value {
-        let out = self.run_stats(&["--json"]);
-        serde_json::from_slice(&out).unwrap_or_else(|e| {
-            panic!(
-                "stats --json is not JSON ({e}): {}",
-                String::from_utf8_lossy(&out)
-            )
-        })
+        self.client_json("stats")
+    }
+
+    /// The offload's entry for the sink's flow (guest port [`SINK_PORT`])
+    /// in `vsnoop ack-offload --control SOCK --json`, once `pred` holds for
+    /// it (within 30 s); panics with the listing otherwise.
+    fn wait_offload_flow(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let list = self.client_json("ack-offload");
+            let found = list["flows"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|f| f["guest_port"] == json!(SINK_PORT) && pred(f));
+            if let Some(f) = found {
+                let text = self.run_client("ack-offload", &[]);
+                println!(
+                    "[{}] {what}:\n{}",
+                    self.label,
+                    String::from_utf8_lossy(&text)
+                );
+                return f.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "[{}] vsnoop ack-offload never listed the sink's flow as {what}: {list}",
+                self.label
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Stops vsnoop (SIGTERM) and starts a new one on the same sockets and tap.
@@ -1295,12 +1330,23 @@ fn backend_restart_mid_flow() {
     }
     let s1 = rig.stats();
     print_offload(label, "first vsnoop, mid-flow", &s1);
+    rig.wait_offload_flow("offloaded on the first vsnoop", |f| {
+        f["mode"] == "active" || f["mode"] == "offline"
+    });
     rig.restart_vsnoop();
     let at = progress.load(Ordering::Relaxed);
     println!("[{label}] vsnoop restarted; {at} of {total} bytes written so far");
     assert!(
         (at as usize) < total,
         "[{label}] the transfer finished before the restart: make it slower"
+    );
+    // The operator's view of the same thing: the flow, passed through.
+    let f = rig.wait_offload_flow("passed through on the second vsnoop", |f| {
+        f["mode"] == "pass_through"
+    });
+    checks.check(
+        f["reason"] == "mid_stream" && f["owed_bytes"] == 0,
+        format!("the restarted vsnoop lists the flow as {f}"),
     );
     rig.join_ok("transfer across the restart", handle);
     let s2 = rig.stats();

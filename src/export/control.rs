@@ -63,6 +63,13 @@ pub enum Request {
         /// New state.
         on: bool,
     },
+    /// The ACK offload's flows ([`OffloadFlowsReply`]).
+    OffloadFlows {
+        /// At most this many flows (those owing the sender most bytes
+        /// first, then the most recently seen); all when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<usize>,
+    },
     /// Starts a capture, replacing a running one ([`CaptureReply`]).
     CaptureStart {
         /// Absolute path of the pcapng file to write (created or truncated).
@@ -156,6 +163,17 @@ pub struct FlowsReply {
 pub struct AckOffloadReply {
     /// The state now.
     pub ack_offload: bool,
+}
+
+/// Reply to `offload_flows`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct OffloadFlowsReply {
+    /// ACK offload switch.
+    pub ack_offload: bool,
+    /// Flows in the offload's table now (all of them, also past `limit`).
+    pub flows_tracked: u64,
+    /// The flows, those owing the sender most bytes first.
+    pub flows: Vec<crate::offload::OffloadFlow>,
 }
 
 /// Reply to `capture_start`, `capture_stop` and `capture_status`.
@@ -291,6 +309,14 @@ pub fn handle(shared: &Shared, request: Request) -> Vec<u8> {
             debug!("control: ack offload {}", if on { "on" } else { "off" });
             reply_ok(AckOffloadReply {
                 ack_offload: shared.ack_offload(),
+            })
+        }
+        Request::OffloadFlows { limit } => {
+            let (flows_tracked, flows) = shared.offload.flow_list(limit.unwrap_or(usize::MAX));
+            reply_ok(OffloadFlowsReply {
+                ack_offload: shared.ack_offload(),
+                flows_tracked,
+                flows,
             })
         }
         Request::CaptureStart { file, snaplen } => {
@@ -524,6 +550,14 @@ mod tests {
         assert_eq!(
             ok(r#"{"cmd":"ack_offload","on":true}"#),
             Request::AckOffload { on: true }
+        );
+        assert_eq!(
+            ok(r#"{"cmd":"offload_flows","limit":2}"#),
+            Request::OffloadFlows { limit: Some(2) }
+        );
+        assert_eq!(
+            ok(r#"{"cmd":"offload_flows"}"#),
+            Request::OffloadFlows { limit: None }
         );
         assert_eq!(
             ok(r#"{"cmd":"capture_start","file":"/tmp/x","snaplen":128}"#),

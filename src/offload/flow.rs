@@ -127,6 +127,27 @@ pub enum Mode {
     PassThrough(PassReason),
 }
 
+impl Mode {
+    /// `handshake`, `active`, `offline` or `pass_through`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Handshake => "handshake",
+            Mode::Active => "active",
+            Mode::Offline(_) => "offline",
+            Mode::PassThrough(_) => "pass_through",
+        }
+    }
+
+    /// Why the flow is offline or passed through.
+    pub fn reason(self) -> Option<&'static str> {
+        match self {
+            Mode::Offline(r) => Some(r.name()),
+            Mode::PassThrough(r) => Some(r.name()),
+            _ => None,
+        }
+    }
+}
+
 /// What one side said in its SYN.
 #[derive(Clone, Copy, Debug, Default)]
 struct SynFacts {
@@ -423,6 +444,20 @@ impl Flow {
     /// Whether the sender was told of bytes the guest has not acknowledged.
     pub fn owes(&self) -> bool {
         seq_lt(self.gack, self.e)
+    }
+
+    /// The flow's addresses and ports, guest side first.
+    pub fn endpoints(&self) -> (std::net::IpAddr, u16, std::net::IpAddr, u16) {
+        let ip = |a: [u8; 16]| match self.version {
+            IpVersion::V4 => std::net::IpAddr::from([a[0], a[1], a[2], a[3]]),
+            IpVersion::V6 => std::net::IpAddr::from(a),
+        };
+        (
+            ip(self.guest_addr),
+            self.guest_port,
+            ip(self.remote_addr),
+            self.remote_port,
+        )
     }
 
     /// Bytes acknowledged to the sender that the guest has not acknowledged

@@ -954,6 +954,60 @@ impl AckOffload {
     pub fn mode_of(&self, key: &FlowKey) -> Option<Mode> {
         self.flows.get(key).map(|f| f.mode)
     }
+
+    /// The tracked flows as of `now`, those that owe the most bytes first,
+    /// then the most recently seen; at most `limit`.
+    pub fn flow_list(&self, now: u64, limit: usize) -> Vec<OffloadFlow> {
+        let mut flows: Vec<&Flow> = self.flows.table.iter().map(|(_, f)| f).collect();
+        flows.sort_by_key(|f| {
+            (
+                std::cmp::Reverse(f.owed_bytes()),
+                std::cmp::Reverse(f.last_seen),
+            )
+        });
+        flows
+            .into_iter()
+            .take(limit)
+            .map(|f| {
+                let (guest, guest_port, remote, remote_port) = f.endpoints();
+                OffloadFlow {
+                    guest: guest.to_string(),
+                    guest_port,
+                    remote: remote.to_string(),
+                    remote_port,
+                    mode: f.mode.name().to_string(),
+                    reason: f.mode.reason().map(str::to_string),
+                    owed_bytes: u64::from(f.owed_bytes()),
+                    custody_bytes: f.custody.held() as u64,
+                    idle_s: now.saturating_sub(f.last_seen) as f64 / 1e9,
+                }
+            })
+            .collect()
+    }
+}
+
+/// One flow of the offload's table (control socket `offload_flows`).
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize, PartialEq)]
+pub struct OffloadFlow {
+    /// The guest's address.
+    pub guest: String,
+    /// The guest's port.
+    pub guest_port: u16,
+    /// The remote peer's address.
+    pub remote: String,
+    /// The remote peer's port.
+    pub remote_port: u16,
+    /// `handshake`, `active` (early ACKs allowed), `offline` (not until the
+    /// guest catches up) or `pass_through` (never offloaded).
+    pub mode: String,
+    /// Why it is offline or passed through (the counters' reason names).
+    pub reason: Option<String>,
+    /// Bytes acknowledged to the sender and not yet by the guest (`E - Gack`).
+    pub owed_bytes: u64,
+    /// Bytes held in custody for it.
+    pub custody_bytes: u64,
+    /// Seconds since its last packet.
+    pub idle_s: f64,
 }
 
 /// A flow opened by `seg`, or a pass-through record for one first seen
@@ -1073,6 +1127,14 @@ impl OffloadPort {
     /// Bytes acknowledged to senders and not yet by the guest, now.
     pub fn owed_bytes(&self) -> u64 {
         self.lock().owed_bytes()
+    }
+
+    /// How many flows the engine tracks, and at most `limit` of them
+    /// ([`AckOffload::flow_list`]).
+    pub fn flow_list(&self, limit: usize) -> (u64, Vec<OffloadFlow>) {
+        let engine = self.lock();
+        let list = engine.flow_list(crate::timing::now_ns(), limit);
+        (engine.flows() as u64, list)
     }
 
     /// Whether early ACKs are on.

@@ -1198,3 +1198,48 @@ fn the_early_ack_finds_its_flow_after_the_table_grew_and_never_acks_another() {
     assert!(!h.eng.remote_published(&token, &mut out));
     assert!(out.is_empty());
 }
+
+#[test]
+fn flow_list_shows_endpoints_mode_reason_and_owed_bytes() {
+    for ipv6 in [false, true] {
+        let mut h = Harness::new(Conn {
+            ipv6,
+            ..Conn::default()
+        });
+        h.handshake();
+        h.data(1000).unwrap();
+        let list = h.eng.flow_list(h.now + 500_000_000, 10);
+        assert_eq!(list.len(), 1);
+        let f = &list[0];
+        let (guest, remote) = if ipv6 {
+            (
+                "fefe:fefe:fefe:fefe:fefe:fefe:fefe:fefe",
+                "fdfd:fdfd:fdfd:fdfd:fdfd:fdfd:fdfd:fdfd",
+            )
+        } else {
+            ("10.0.0.2", "10.0.0.1")
+        };
+        assert_eq!(
+            (
+                f.guest.as_str(),
+                f.guest_port,
+                f.remote.as_str(),
+                f.remote_port
+            ),
+            (guest, 5000, remote, 80)
+        );
+        assert_eq!((f.mode.as_str(), f.reason.as_deref()), ("active", None));
+        assert_eq!((f.owed_bytes, f.custody_bytes), (1000, 1000));
+        assert!((f.idle_s - 0.5).abs() < 1e-9, "{}", f.idle_s);
+        // The guest closes its window: offline, with the reason; it caught up.
+        let ts = h.ts_g();
+        h.guest_ack(h.rseq, 0, ts);
+        let f = &h.eng.flow_list(h.now, 10)[0];
+        assert_eq!(
+            (f.mode.as_str(), f.reason.as_deref()),
+            ("offline", Some("zero_window"))
+        );
+        assert_eq!((f.owed_bytes, f.custody_bytes), (0, 0));
+        assert!(h.eng.flow_list(h.now, 0).is_empty());
+    }
+}
