@@ -1,17 +1,26 @@
 //! A message relay between the frontend (VMM) and the vhost-user request
-//! handler, which fixes one known frontend ordering bug on the way.
+//! handler, which works around two known QEMU behaviours on the way.
 //!
-//! QEMU up to 7.2 sends VHOST_USER_SET_VRING_ENABLE after
-//! SET_PROTOCOL_FEATURES but *before* SET_FEATURES acks
-//! VHOST_USER_F_PROTOCOL_FEATURES. The `vhost` crate's dispatcher rejects
-//! such a request (InactiveFeature) and drops the connection. The relay
-//! holds those early ring-enable requests back, acknowledges them itself if
-//! the frontend asked for a reply, and replays the latest state per ring
-//! right after SET_FEATURES has been forwarded, which is the state the
-//! frontend meant. Frontends that follow the spec (DPDK virtio-user,
-//! cloud-hypervisor, newer QEMU) never trigger this: their messages pass
-//! through byte for byte, file descriptors included. Nothing else is
-//! interpreted, so the rust-vmm crates stay unmodified.
+//! 1. QEMU up to 7.2 sends VHOST_USER_SET_VRING_ENABLE after
+//!    SET_PROTOCOL_FEATURES but *before* SET_FEATURES acks
+//!    VHOST_USER_F_PROTOCOL_FEATURES. The `vhost` crate's dispatcher rejects
+//!    such a request (InactiveFeature) and drops the connection. The relay
+//!    holds those early ring-enable requests back, acknowledges them itself
+//!    if the frontend asked for a reply, and replays the latest state per
+//!    ring right after SET_FEATURES has been forwarded, which is the state
+//!    the frontend meant.
+//! 2. With several queue pairs, QEMU drives one vhost device per pair over
+//!    the same connection, and with CONFIGURE_MEM_SLOTS each of them sends
+//!    ADD_MEM_REG (and later REM_MEM_REG) for every guest memory region. The
+//!    handler refuses a second ADD of a region it has ("memory regions
+//!    intersect") and drops the connection. The relay counts the adds of
+//!    each region, forwards the first add and the last remove only, and
+//!    acknowledges the others itself.
+//!
+//! Frontends that follow the spec (DPDK virtio-user, cloud-hypervisor, newer
+//! QEMU) never trigger either: their messages pass through byte for byte,
+//! file descriptors included. Nothing else is interpreted, so the rust-vmm
+//! crates stay unmodified.
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
@@ -33,8 +42,14 @@ pub const MAX_FDS: usize = 32;
 
 const SET_FEATURES: u32 = 2;
 const RESET_OWNER: u32 = 4;
+const SET_MEM_TABLE: u32 = 5;
 const SET_VRING_ENABLE: u32 = 18;
 const RESET_DEVICE: u32 = 34;
+const ADD_MEM_REG: u32 = 37;
+const REM_MEM_REG: u32 = 38;
+/// A memory region as the messages describe it: guest address, size,
+/// frontend address, offset in the fd (4 x u64).
+const REGION_LEN: usize = 32;
 const FLAG_VERSION: u32 = 0x1;
 const FLAG_REPLY: u32 = 0x4;
 const FLAG_NEED_REPLY: u32 = 0x8;
@@ -76,10 +91,45 @@ impl Message {
         Some(u64::from_le_bytes(bytes))
     }
 
+    /// The region of ADD_MEM_REG / REM_MEM_REG (after 8 bytes of padding).
+    fn single_region(&self) -> Option<Region> {
+        Region::parse(self.payload.get(8..8 + REGION_LEN)?)
+    }
+
+    /// The regions of SET_MEM_TABLE (u32 count, u32 padding, then regions).
+    fn table_regions(&self) -> Vec<Region> {
+        let count = self
+            .payload
+            .get(..4)
+            .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize);
+        self.payload
+            .get(8..)
+            .unwrap_or_default()
+            .chunks_exact(REGION_LEN)
+            .take(count)
+            .filter_map(Region::parse)
+            .collect()
+    }
+
     fn vring_state(&self) -> Option<(u32, u32)> {
         let index: [u8; 4] = self.payload.get(..4)?.try_into().ok()?;
         let num: [u8; 4] = self.payload.get(4..8)?.try_into().ok()?;
         Some((u32::from_le_bytes(index), u32::from_le_bytes(num)))
+    }
+}
+
+/// A guest memory region: guest address, size, frontend address, mmap offset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Region([u64; 4]);
+
+impl Region {
+    fn parse(b: &[u8]) -> Option<Region> {
+        let word = |i: usize| -> Option<u64> {
+            Some(u64::from_le_bytes(
+                b.get(i * 8..i * 8 + 8)?.try_into().ok()?,
+            ))
+        };
+        Some(Region([word(0)?, word(1)?, word(2)?, word(3)?]))
     }
 }
 
@@ -146,10 +196,13 @@ pub fn write_message(sock: &UnixStream, msg: &Message) -> io::Result<()> {
 
 /// The decisions of the relay, kept apart from the sockets so they can be tested.
 #[derive(Debug, Default)]
-pub struct EnableReorder {
+pub struct FrontendFixes {
     features_set: bool,
     /// Latest early SET_VRING_ENABLE per ring.
     deferred: BTreeMap<u32, u32>,
+    /// Memory regions the handler has, and how many times the frontend
+    /// added each (once per vhost device).
+    regions: BTreeMap<Region, u32>,
 }
 
 /// What to do with a frontend message.
@@ -159,23 +212,52 @@ pub enum Action {
     Forward,
     /// Forward, then send these ring-enable requests (ring, enable).
     ForwardThenEnable(Vec<(u32, u32)>),
-    /// Hold back; reply with success if the frontend wants a reply.
+    /// Hold back (or drop); reply with success if the frontend wants a reply.
     Defer {
         /// The frontend set NEED_REPLY.
         reply: bool,
     },
 }
 
-impl EnableReorder {
+impl FrontendFixes {
     /// Decides about one frontend message.
     pub fn on_frontend_message(&mut self, msg: &Message) -> Action {
+        let reply = msg.flags & FLAG_NEED_REPLY != 0;
         match msg.request {
+            SET_MEM_TABLE => {
+                self.regions = msg.table_regions().into_iter().map(|r| (r, 1)).collect();
+                Action::Forward
+            }
+            ADD_MEM_REG => match msg.single_region() {
+                Some(region) => {
+                    let adds = self.regions.entry(region).or_insert(0);
+                    *adds += 1;
+                    if *adds == 1 {
+                        Action::Forward
+                    } else {
+                        debug!("memory region {region:?} added again ({adds} times): acknowledged");
+                        Action::Defer { reply }
+                    }
+                }
+                None => Action::Forward,
+            },
+            REM_MEM_REG => match msg.single_region() {
+                Some(region) => match self.regions.get_mut(&region) {
+                    Some(adds) if *adds > 1 => {
+                        *adds -= 1;
+                        Action::Defer { reply }
+                    }
+                    _ => {
+                        self.regions.remove(&region);
+                        Action::Forward
+                    }
+                },
+                None => Action::Forward,
+            },
             SET_VRING_ENABLE if !self.features_set => match msg.vring_state() {
                 Some((index, num)) => {
                     self.deferred.insert(index, num);
-                    Action::Defer {
-                        reply: msg.flags & FLAG_NEED_REPLY != 0,
-                    }
+                    Action::Defer { reply }
                 }
                 None => Action::Forward,
             },
@@ -192,6 +274,7 @@ impl EnableReorder {
             RESET_OWNER | RESET_DEVICE => {
                 self.features_set = false;
                 self.deferred.clear();
+                self.regions.clear();
                 Action::Forward
             }
             _ => Action::Forward,
@@ -222,8 +305,8 @@ impl Relay {
                 thread::Builder::new()
                     .name("vu-relay-in".into())
                     .spawn(move || {
-                        let mut reorder = EnableReorder::default();
-                        if let Err(e) = relay_requests(&mut from, &to, &reply_to, &mut reorder) {
+                        let mut fixes = FrontendFixes::default();
+                        if let Err(e) = relay_requests(&mut from, &to, &reply_to, &mut fixes) {
                             debug!("frontend -> backend relay ended: {e}");
                         }
                         let _ = closer.0.shutdown(Shutdown::Both);
@@ -286,7 +369,7 @@ fn relay_requests(
     from: &mut UnixStream,
     to: &UnixStream,
     reply_to: &Mutex<UnixStream>,
-    reorder: &mut EnableReorder,
+    fixes: &mut FrontendFixes,
 ) -> io::Result<()> {
     while let Some(msg) = read_message(from)? {
         debug!(
@@ -295,7 +378,7 @@ fn relay_requests(
             msg.payload.len(),
             msg.fds.len()
         );
-        match reorder.on_frontend_message(&msg) {
+        match fixes.on_frontend_message(&msg) {
             Action::Forward => write_message(to, &msg)?,
             Action::ForwardThenEnable(rings) => {
                 write_message(to, &msg)?;
@@ -340,7 +423,7 @@ mod tests {
 
     #[test]
     fn early_enables_are_deferred_and_replayed_after_set_features() {
-        let mut r = EnableReorder::default();
+        let mut r = FrontendFixes::default();
         assert_eq!(
             r.on_frontend_message(&enable(0, 1, 1)),
             Action::Defer { reply: false }
@@ -367,7 +450,7 @@ mod tests {
 
     #[test]
     fn spec_order_passes_through_untouched() {
-        let mut r = EnableReorder::default();
+        let mut r = FrontendFixes::default();
         assert_eq!(
             r.on_frontend_message(&features(PROTOCOL_FEATURES_BIT)),
             Action::Forward
@@ -377,11 +460,11 @@ mod tests {
 
     #[test]
     fn deferred_enables_are_dropped_without_protocol_features_or_after_reset() {
-        let mut r = EnableReorder::default();
+        let mut r = FrontendFixes::default();
         r.on_frontend_message(&enable(0, 1, 1));
         // Without PROTOCOL_FEATURES the backend enables all rings itself.
         assert_eq!(r.on_frontend_message(&features(1)), Action::Forward);
-        let mut r = EnableReorder::default();
+        let mut r = FrontendFixes::default();
         r.on_frontend_message(&features(PROTOCOL_FEATURES_BIT));
         r.on_frontend_message(&Message::new(RESET_OWNER, FLAG_VERSION, vec![]));
         assert_eq!(
@@ -390,9 +473,67 @@ mod tests {
         );
     }
 
+    fn region_message(request: u32, gpa: u64, flags: u32) -> Message {
+        let mut p = 0u64.to_le_bytes().to_vec();
+        for word in [gpa, 0x1000_0000, 0x7f00_0000_0000 + gpa, 0] {
+            p.extend_from_slice(&word.to_le_bytes());
+        }
+        Message::new(request, flags, p)
+    }
+
+    #[test]
+    fn a_region_added_once_per_queue_pair_reaches_the_handler_once() {
+        let mut r = FrontendFixes::default();
+        let add = |gpa, flags| region_message(ADD_MEM_REG, gpa, flags);
+        let rem = |gpa, flags| region_message(REM_MEM_REG, gpa, flags);
+        // QEMU with two queue pairs: each vhost device adds the region.
+        assert_eq!(r.on_frontend_message(&add(0, 9)), Action::Forward);
+        assert_eq!(
+            r.on_frontend_message(&add(0, 9)),
+            Action::Defer { reply: true }
+        );
+        // Another region is new.
+        assert_eq!(r.on_frontend_message(&add(1 << 32, 1)), Action::Forward);
+        // Removed by both devices: only the last remove goes through.
+        assert_eq!(
+            r.on_frontend_message(&rem(0, 1)),
+            Action::Defer { reply: false }
+        );
+        assert_eq!(r.on_frontend_message(&rem(0, 9)), Action::Forward);
+        // Unknown and malformed regions are the handler's to judge.
+        assert_eq!(r.on_frontend_message(&rem(0, 1)), Action::Forward);
+        let short = Message::new(ADD_MEM_REG, FLAG_VERSION, vec![0; 12]);
+        assert_eq!(r.on_frontend_message(&short), Action::Forward);
+        // A reset forgets them: the next add is forwarded.
+        r.on_frontend_message(&Message::new(RESET_OWNER, FLAG_VERSION, vec![]));
+        assert_eq!(r.on_frontend_message(&add(1 << 32, 1)), Action::Forward);
+    }
+
+    #[test]
+    fn regions_of_a_memory_table_count_as_added() {
+        let mut r = FrontendFixes::default();
+        let mut table = 2u32.to_le_bytes().to_vec();
+        table.extend_from_slice(&0u32.to_le_bytes());
+        for gpa in [0u64, 1 << 32] {
+            // The region of `region_message`, without its padding.
+            table.extend_from_slice(&region_message(ADD_MEM_REG, gpa, 0).payload[8..]);
+        }
+        let set = Message::new(SET_MEM_TABLE, FLAG_VERSION, table);
+        assert_eq!(r.on_frontend_message(&set), Action::Forward);
+        // A hot-plugged region is new; a region of the table is not.
+        assert_eq!(
+            r.on_frontend_message(&region_message(ADD_MEM_REG, 2 << 32, 1)),
+            Action::Forward
+        );
+        assert_eq!(
+            r.on_frontend_message(&region_message(ADD_MEM_REG, 1 << 32, 1)),
+            Action::Defer { reply: false }
+        );
+    }
+
     #[test]
     fn truncated_enable_is_forwarded_for_the_handler_to_reject() {
-        let mut r = EnableReorder::default();
+        let mut r = FrontendFixes::default();
         let short = Message::new(SET_VRING_ENABLE, FLAG_VERSION, vec![0, 0]);
         assert_eq!(r.on_frontend_message(&short), Action::Forward);
     }

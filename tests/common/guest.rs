@@ -152,6 +152,10 @@ pub struct GuestConfig {
     pub append: String,
     /// Appended to QEMU's arguments (e.g. `-qmp unix:PATH,server=on,wait=off`).
     pub extra_args: Vec<String>,
+    /// Queue pairs of a vhost-user device (`queues=N`, `mq=on`); the guest
+    /// gets one vCPU per pair, as Linux's virtio-net enables
+    /// min(pairs, CPUs) of them.
+    pub queues: u16,
 }
 
 impl GuestConfig {
@@ -164,6 +168,7 @@ impl GuestConfig {
             device_opts: String::new(),
             append: String::new(),
             extra_args: Vec::new(),
+            queues: 1,
         }
     }
 
@@ -178,7 +183,7 @@ impl GuestConfig {
             "none".into(),
             "-no-reboot".into(),
             "-smp".into(),
-            "1".into(),
+            self.queues.max(1).to_string(),
             "-m".into(),
             format!("{mem}M"),
             // vhost-user needs guest memory the backend can map.
@@ -202,6 +207,12 @@ impl GuestConfig {
             "-serial".into(),
             "chardev:ser0".into(),
         ];
+        let multiqueue = self.queues > 1;
+        let vhost_user_netdev = if multiqueue {
+            format!("vhost-user,id=n0,chardev=c0,queues={}", self.queues)
+        } else {
+            "vhost-user,id=n0,chardev=c0".to_string()
+        };
         match &self.backend {
             Backend::VhostUserClient { socket, reconnect } => {
                 let mut chardev = format!("socket,id=c0,path={}", socket.display());
@@ -209,12 +220,12 @@ impl GuestConfig {
                     chardev.push_str(",reconnect=1");
                 }
                 args.extend(["-chardev".into(), chardev]);
-                args.extend(["-netdev".into(), "vhost-user,id=n0,chardev=c0".into()]);
+                args.extend(["-netdev".into(), vhost_user_netdev]);
             }
             Backend::VhostUserServer { socket } => {
                 let chardev = format!("socket,id=c0,path={},server=on,wait=off", socket.display());
                 args.extend(["-chardev".into(), chardev]);
-                args.extend(["-netdev".into(), "vhost-user,id=n0,chardev=c0".into()]);
+                args.extend(["-netdev".into(), vhost_user_netdev]);
             }
             Backend::Tap { ifname } => {
                 args.extend([
@@ -228,6 +239,9 @@ impl GuestConfig {
             "virtio-net-pci,netdev=n0,vectors=0,mrg_rxbuf=on,mac={}",
             self.mac
         );
+        if multiqueue {
+            device.push_str(",mq=on");
+        }
         if !self.device_opts.is_empty() {
             device.push(',');
             device.push_str(self.device_opts.trim_start_matches(','));
