@@ -1,12 +1,13 @@
-//! Arbitrary bytes from a "frontend": the relay's message reader and the
-//! ring-enable reordering must never panic, whatever arrives.
+//! Arbitrary bytes from a "frontend": the relay's message reader and its
+//! fixes (ring-enable reordering, memory-region add counting) must never
+//! panic, whatever arrives.
 #![no_main]
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 
 use libfuzzer_sys::fuzz_target;
-use vsnoop::vhost_user::shim::{read_message, EnableReorder};
+use vsnoop::vhost_user::shim::{read_message, FrontendFixes};
 
 fuzz_target!(|data: &[u8]| {
     let Ok((mut tx, mut rx)) = UnixStream::pair() else {
@@ -18,8 +19,8 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     drop(tx);
-    let mut reorder = EnableReorder::default();
+    let mut fixes = FrontendFixes::default();
     while let Ok(Some(msg)) = read_message(&mut rx) {
-        let _ = reorder.on_frontend_message(&msg);
+        let _ = fixes.on_frontend_message(&msg);
     }
 });
