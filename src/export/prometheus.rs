@@ -360,7 +360,7 @@ impl VsnoopCollector {
     /// ACK offload counters and gauges (README: ACK OFFLOAD).
     fn encode_offload(&self, enc: &mut DescriptorEncoder, tap: &[(&str, Escaped)]) -> fmt::Result {
         let o = self.shared.offload.stats();
-        let counters: [(&str, &str, u64); 14] = [
+        let counters: [(&str, &str, u64); 15] = [
             (
                 "early_acks",
                 "Early ACKs sent on the guest's behalf",
@@ -375,6 +375,11 @@ impl VsnoopCollector {
                 "ece_acks",
                 "Early ACKs that carried ECE (a CE mark echoed)",
                 o.ece_acks,
+            ),
+            (
+                "checksums_verified",
+                "Segments whose TCP checksum the offload verified itself",
+                o.checksums_verified,
             ),
             (
                 "guest_acks_suppressed",

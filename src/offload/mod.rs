@@ -220,6 +220,9 @@ pub struct OffloadCounters {
     pub early_acked_bytes: AtomicU64,
     /// Early ACKs that carried ECE (rule 11).
     pub ece_acks: AtomicU64,
+    /// Segments whose TCP checksum the engine verified itself (rule 4:
+    /// neither the host nor the sender's stack vouched for it).
+    pub checksums_verified: AtomicU64,
     /// Guest ACKs not sent (the sender no longer needed them).
     pub guest_acks_suppressed: AtomicU64,
     /// Guest packets whose ack/window/TSecr/SACK were rewritten.
@@ -282,6 +285,8 @@ pub struct OffloadStats {
     pub early_acked_bytes: u64,
     /// Early ACKs with ECE.
     pub ece_acks: u64,
+    /// Segments verified by the engine (rule 4).
+    pub checksums_verified: u64,
     /// Guest ACKs suppressed.
     pub guest_acks_suppressed: u64,
     /// Guest packets rewritten.
@@ -343,6 +348,7 @@ impl OffloadCounters {
             early_acks: get(&self.early_acks),
             early_acked_bytes: get(&self.early_acked_bytes),
             ece_acks: get(&self.ece_acks),
+            checksums_verified: get(&self.checksums_verified),
             guest_acks_suppressed: get(&self.guest_acks_suppressed),
             guest_acks_rewritten: get(&self.guest_acks_rewritten),
             redeliveries: get(&self.redeliveries),
@@ -711,6 +717,7 @@ impl AckOffload {
                 scratch.resize(tcp_len, 0);
                 let got = copy_payload(seg.payload_at, &mut scratch[seg.payload_at - seg.tcp_at..]);
                 let ok = got == seg.payload_len as usize && wire::tcp_checksum_ok(&seg, scratch);
+                inc(&self.counters.checksums_verified);
                 if !ok {
                     // The guest drops it too: D does not move.
                     offline_late = flow.offline(OfflineReason::BadChecksum);
