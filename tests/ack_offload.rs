@@ -71,6 +71,8 @@ struct RigOptions {
     queues: u16,
     /// Appended to QEMU's `-device virtio-net-pci,...` (e.g. `mrg_rxbuf=off`).
     device_opts: &'static str,
+    /// More vsnoop arguments (e.g. `--offload-max-flows 4`).
+    vsnoop_args: Vec<&'static str>,
 }
 
 /// Field order is drop order: QEMU first, then tapnetem, vsnoop, the namespace,
@@ -96,6 +98,9 @@ struct Rig {
     bridge: Option<String>,
     /// What QEMU was started with (a migration destination starts alike).
     cfg: GuestConfig,
+    /// vsnoop's arguments beyond the socket, tap, control socket and
+    /// offload switch (a restarted or second vsnoop gets them too).
+    vsnoop_extra: Vec<String>,
 }
 
 fn prerequisites() {
@@ -122,7 +127,9 @@ impl Rig {
         let sock = dir.join("vhost.sock");
         let run = 1;
         let queues = opts.queues.max(1);
-        let (vsnoop, control, log) = spawn_vsnoop(&ns, &dir, &sock, &tap, run, queues);
+        let mut vsnoop_extra = vec!["--queues".to_string(), queues.to_string()];
+        vsnoop_extra.extend(opts.vsnoop_args.iter().map(|a| a.to_string()));
+        let (vsnoop, control, log) = spawn_vsnoop(&ns, &dir, &sock, &tap, run, &vsnoop_extra);
         let mut bridge = None;
         let netem = match &opts.netem {
             Some(args) => Some(TapNetem::start(&ns, &tap, args, &dir.path)),
@@ -163,6 +170,7 @@ impl Rig {
             qmp,
             bridge,
             cfg,
+            vsnoop_extra,
         };
         let boot = rig.guest.wait_booted(BOOT_TIMEOUT);
         println!("[{label}] guest booted in {boot:.1?}");
@@ -269,7 +277,7 @@ impl Rig {
             &self.sock,
             &self.tap,
             self.run,
-            self.cfg.queues,
+            &self.vsnoop_extra,
         );
         self.vsnoop = vsnoop;
         self.control = control;
@@ -442,33 +450,28 @@ fn spawn_vsnoop(
     sock: &std::path::Path,
     tap: &str,
     run: u32,
-    queues: u16,
+    extra: &[String],
 ) -> (Vsnoop, PathBuf, PathBuf) {
     let control = dir.join(&format!("control-{run}.sock"));
     let log = dir.join(&format!("vsnoop-{run}.log"));
-    let queues = queues.to_string();
-    let vs = Vsnoop::spawn(
-        ns,
-        &[
-            "--socket",
-            sock.to_str().unwrap(),
-            "--tap",
-            tap,
-            "--queues",
-            &queues,
-            "--control",
-            control.to_str().unwrap(),
-            "--ack-offload",
-            // VSNOOP_TEST_OFFLOAD=off: the same tests with the offload off
-            // (a baseline when something fails: is it the offload?).
-            if std::env::var("VSNOOP_TEST_OFFLOAD").as_deref() == Ok("off") {
-                "off"
-            } else {
-                "on"
-            },
-        ],
-        &log,
-    );
+    let mut args = vec![
+        "--socket",
+        sock.to_str().unwrap(),
+        "--tap",
+        tap,
+        "--control",
+        control.to_str().unwrap(),
+        "--ack-offload",
+        // VSNOOP_TEST_OFFLOAD=off: the same tests with the offload off
+        // (a baseline when something fails: is it the offload?).
+        if std::env::var("VSNOOP_TEST_OFFLOAD").as_deref() == Ok("off") {
+            "off"
+        } else {
+            "on"
+        },
+    ];
+    args.extend(extra.iter().map(String::as_str));
+    let vs = Vsnoop::spawn(ns, &args, &log);
     vs.wait_for_log("listening on", Duration::from_secs(20));
     ns.wait_for_link(tap, Duration::from_secs(10));
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -924,6 +927,45 @@ fn jumbo_mtu_9000_both_ways() {
     ] {
         checks.check(q[key] == 0, format!("{key} is {}", q[key]));
     }
+    rig.guest_health();
+    checks.finish();
+}
+
+/// A full flow table (rule 14) with real stacks: vsnoop tracks at most 4
+/// flows (`--offload-max-flows 4`) and 8 transfers start at once. Flows
+/// that find the table full pass through; every transfer is hash-equal,
+/// at most 4 are offloaded, and `table_full` counts the rest.
+#[test]
+fn full_flow_table_passes_new_flows_through() {
+    let label = "table-full";
+    let mut rig = Rig::start(
+        label,
+        RigOptions {
+            vsnoop_args: vec!["--offload-max-flows", "4"],
+            ..RigOptions::default()
+        },
+    );
+    let mut checks = EngineChecks::new(label);
+    let handles: Vec<_> = (0..8)
+        .map(|_| sink::spawn_send(&rig.ns, GUEST_IP, SINK_PORT, 2 * MIB, &sink_opts()))
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        rig.join_ok(&format!("transfer {i} (2 MiB)"), h);
+    }
+    let s = rig.stats();
+    print_offload(label, "after", &s);
+    let offloaded = checks.get(&s, "flows_offloaded");
+    let full = checks.reason(&s, "passthrough", "table_full");
+    let tracked = checks.get(&s, "flows_tracked");
+    checks.check(
+        (1..=4).contains(&offloaded),
+        format!("flows_offloaded is {offloaded} with a table of 4"),
+    );
+    checks.check(
+        full >= 4,
+        format!("passthrough.table_full is {full} for 8 flows"),
+    );
+    checks.check(tracked <= 4, format!("flows_tracked is {tracked} > 4"));
     rig.guest_health();
     checks.finish();
 }
@@ -1870,7 +1912,7 @@ fn migration_completes_mid_transfer() {
     let dst_sock = rig.dir.join("vhost-dst.sock");
     let dst_tap = unique("vak");
     let (dst_vsnoop, dst_control, dst_log) =
-        spawn_vsnoop(&rig.ns, &rig.dir, &dst_sock, &dst_tap, 2, rig.cfg.queues);
+        spawn_vsnoop(&rig.ns, &rig.dir, &dst_sock, &dst_tap, 2, &rig.vsnoop_extra);
     rig.logs.push(dst_log);
     let incoming = rig.dir.join("migrate.sock");
     let mut dst_cfg = rig.cfg.clone();
