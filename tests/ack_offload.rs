@@ -970,6 +970,59 @@ fn full_flow_table_passes_new_flows_through() {
     checks.finish();
 }
 
+/// The guest resets the device mid-transfer: its virtio-net driver is
+/// unbound and bound again (`/sys/bus/virtio/drivers/virtio_net`), so QEMU
+/// stops the rings, the driver frees the RX buffers it had not processed
+/// (data vsnoop may have acknowledged early) and posts new ones. The TCP
+/// connection lives on in the guest's stack; the transfer must complete
+/// hash-equal, whatever the discarded buffers held (custody re-delivers
+/// what the sender was told had arrived).
+#[test]
+fn driver_rebind_mid_transfer() {
+    let label = "rebind";
+    let mut rig = Rig::start(label, RigOptions::default());
+    let mut checks = EngineChecks::new(label);
+    let (handle, progress) = rig.send_under_way(
+        24 * MIB,
+        2 * MIB,
+        SendOptions {
+            // Paced, so the reset lands mid-flow.
+            write_chunk: 64 * 1024,
+            write_pause: Some(Duration::from_millis(10)),
+            timeout: XFER_TIMEOUT,
+            ..sink_opts()
+        },
+    );
+    let before = rig.stats();
+    print_offload(label, "before the rebind", &before);
+    let out = rig.guest.run_ok(
+        "d=$(basename $(readlink /sys/class/net/eth0/device)) && \
+         echo $d > /sys/bus/virtio/drivers/virtio_net/unbind && sleep 1 && \
+         echo $d > /sys/bus/virtio/drivers/virtio_net/bind && sleep 1 && \
+         ip addr add 10.77.0.2/24 dev eth0 && ip link set eth0 up && echo rebound $d",
+        CMD_TIMEOUT,
+    );
+    assert!(out.contains("rebound"), "[{label}] rebind: {out}");
+    println!(
+        "[{label}] driver rebound at {} bytes written",
+        progress.load(Ordering::Relaxed)
+    );
+    rig.join_ok("transfer across the rebind", handle);
+    let after = rig.stats();
+    print_offload(label, "after", &after);
+    let early = checks.get(&after, "early_acks");
+    checks.check(early > 0, format!("early_acks is {early}"));
+    println!(
+        "[{label}] re-delivered {} bytes in {} attempts, resets {}",
+        checks.get(&after, "redelivered_bytes"),
+        checks.get(&after, "redeliveries"),
+        checks.get(&after, "resets")
+    );
+    rig.send_ok("4 MiB after the rebind", 4 * MIB, &sink_opts());
+    rig.guest_health();
+    checks.finish();
+}
+
 /// Two queue pairs with a real two-vCPU guest (vsnoop `--queues 2`, QEMU
 /// `queues=2,mq=on`): the guest enables both pairs, the tap spreads the
 /// host's flows over its two queues by flow hash, and the offload engine,
