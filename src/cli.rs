@@ -138,6 +138,13 @@ pub struct DaemonArgs {
     /// ACK offload: TCP flows tracked at most (new flows beyond pass through).
     #[arg(long, value_name = "N", default_value_t = 65_536)]
     pub offload_max_flows: usize,
+
+    /// ACK offload: on SIGTERM / SIGINT, stop early ACKs and wait up to this
+    /// long for the guest to acknowledge what was acknowledged on its behalf
+    /// before exiting (custody does not outlive the process). A second
+    /// signal exits at once. 0: exit at once.
+    #[arg(long, value_name = "MS", default_value_t = 2000)]
+    pub shutdown_drain_ms: u64,
 }
 
 /// Subcommands.

@@ -77,6 +77,9 @@ pub struct Config {
     pub metrics: Option<SocketAddr>,
     /// Delay attribution limits and parameters.
     pub attribution: AttributionConfig,
+    /// Longest wait on SIGTERM / SIGINT for the guest to acknowledge the
+    /// bytes acknowledged early.
+    pub shutdown_drain: std::time::Duration,
 }
 
 impl TryFrom<DaemonArgs> for Config {
@@ -152,6 +155,7 @@ impl TryFrom<DaemonArgs> for Config {
                 },
                 ..AttributionConfig::default()
             },
+            shutdown_drain: std::time::Duration::from_millis(cli.shutdown_drain_ms),
         })
     }
 }

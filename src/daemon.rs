@@ -79,6 +79,7 @@ pub fn run(config: Config) -> Result<()> {
         shared.clone(),
         listener.as_ref().map(|_| config.socket.clone()),
         config.control.clone(),
+        config.shutdown_drain,
     )?;
     info!(
         "tap {} attached with {} queue pair(s)",
@@ -217,6 +218,7 @@ fn install_signal_handlers(
     shared: Arc<Shared>,
     socket: Option<PathBuf>,
     control: Option<PathBuf>,
+    drain: Duration,
 ) -> Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR1])
@@ -224,19 +226,81 @@ fn install_signal_handlers(
     thread::Builder::new()
         .name("vsnoop-signals".into())
         .spawn(move || {
+            let mut exiting = false;
             for signal in signals.forever() {
-                eprint!("{}", format_report(&shared.queues));
-                // SIGUSR1 also makes the capture file complete up to now.
-                shared.capture.flush();
-                if signal != SIGUSR1 {
-                    for path in socket.iter().chain(control.iter()) {
-                        let _ = fs::remove_file(path);
-                    }
-                    info!("exiting on signal {signal}");
-                    std::process::exit(0);
+                if signal == SIGUSR1 {
+                    eprint!("{}", format_report(&shared.queues));
+                    // SIGUSR1 also makes the capture file complete up to now.
+                    shared.capture.flush();
+                    continue;
+                }
+                if exiting {
+                    info!("signal {signal} again: exiting now");
+                    exit(&shared, &socket, &control);
+                }
+                exiting = true;
+                info!("exiting on signal {signal}");
+                let (s, sock, ctl) = (shared.clone(), socket.clone(), control.clone());
+                // The drain waits for the data path; signals stay served.
+                let spawned =
+                    thread::Builder::new()
+                        .name("vsnoop-shutdown".into())
+                        .spawn(move || {
+                            drain_offload(&s.offload, drain);
+                            exit(&s, &sock, &ctl);
+                        });
+                if let Err(e) = spawned {
+                    warn!("cannot start the shutdown thread ({e}): exiting now");
+                    exit(&shared, &socket, &control);
                 }
             }
         })
         .context("starting the signal thread")?;
     Ok(())
+}
+
+/// Stops early ACKs and waits up to `limit` until the guest has
+/// acknowledged every byte acknowledged on its behalf: custody dies with the
+/// process, so bytes still owed could not be re-delivered afterwards.
+fn drain_offload(offload: &crate::offload::OffloadPort, limit: Duration) {
+    let owed = offload.owed_bytes();
+    if owed == 0 {
+        info!("shutdown: nothing acknowledged early is still owed by the guest");
+        return;
+    }
+    // Off: no new early ACKs; owing flows keep being served (rule 16).
+    offload.set_enabled(false);
+    info!(
+        "shutdown: waiting up to {limit:?} for the guest to acknowledge {owed} early-ACKed bytes"
+    );
+    let start = Instant::now();
+    loop {
+        let owed = offload.owed_bytes();
+        if owed == 0 {
+            info!(
+                "shutdown: the guest acknowledged every early-ACKed byte in {:.1?}",
+                start.elapsed()
+            );
+            return;
+        }
+        if start.elapsed() >= limit {
+            warn!(
+                "shutdown: {owed} early-ACKed bytes still owed after {limit:?}; they are in guest \
+                 memory, but no backend can re-deliver them if the guest drops them"
+            );
+            return;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The report and capture flushed, the sockets removed: exit.
+fn exit(shared: &Shared, socket: &Option<PathBuf>, control: &Option<PathBuf>) -> ! {
+    eprint!("{}", format_report(&shared.queues));
+    shared.capture.flush();
+    for path in socket.iter().chain(control.iter()) {
+        let _ = fs::remove_file(path);
+    }
+    info!("exiting");
+    std::process::exit(0);
 }

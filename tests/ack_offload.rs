@@ -1023,6 +1023,64 @@ fn driver_rebind_mid_transfer() {
     checks.finish();
 }
 
+/// vsnoop's custody dies with the process, so on SIGTERM it stops early
+/// ACKs and waits (`--shutdown-drain-ms`) for the guest to acknowledge what
+/// was acknowledged on its behalf. Here the guest cannot (QEMU stopped) when
+/// the signal comes, with early-ACKed bytes in its ring; vsnoop keeps
+/// running until QEMU continues and the guest has confirmed them, then
+/// exits 0. A second vsnoop takes over and the transfer completes
+/// hash-equal.
+#[test]
+fn shutdown_waits_for_the_guest_to_confirm_early_acked_bytes() {
+    let label = "shutdown";
+    let mut rig = Rig::start(
+        label,
+        RigOptions {
+            reconnect: true,
+            vsnoop_args: vec!["--shutdown-drain-ms", "20000"],
+            ..RigOptions::default()
+        },
+    );
+    let mut checks = EngineChecks::new(label);
+    let qemu = rig.guest.pid();
+    let (handle, _) = rig.send_under_way(64 * MIB, 4 * MIB, sink_opts());
+    common::signal(qemu, 19); // SIGSTOP
+    let owing = rig.wait_stats(
+        "owed_bytes above 0 with the guest stopped",
+        Duration::from_secs(30),
+        |s| off(s, "owed_bytes").unwrap_or(0) > 0,
+    );
+    println!(
+        "[{label}] QEMU stopped with {} bytes owed",
+        off(&owing, "owed_bytes").unwrap_or(0)
+    );
+    common::signal(rig.vsnoop.child.id(), 15);
+    rig.vsnoop
+        .wait_for_log("shutdown: waiting up to", Duration::from_secs(10));
+    thread::sleep(Duration::from_millis(500));
+    let still_running = rig.vsnoop.child.try_wait().ok().flatten().is_none();
+    common::signal(qemu, 18); // SIGCONT
+    let code = rig.vsnoop.wait_exit(Duration::from_secs(30));
+    let log = rig.vsnoop.log_text();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("shutdown:")).collect();
+    println!("[{label}] {lines:#?}");
+    checks.check(
+        still_running,
+        "vsnoop exited while the stopped guest still owed bytes".to_string(),
+    );
+    checks.check(
+        code == Some(0)
+            && lines
+                .iter()
+                .any(|l| l.contains("acknowledged every early-ACKed byte")),
+        format!("vsnoop exit {code:?} without a completed drain: {lines:?}"),
+    );
+    rig.restart_vsnoop();
+    rig.join_ok("64 MiB across the shutdown", handle);
+    rig.guest_health();
+    checks.finish();
+}
+
 /// Two queue pairs with a real two-vCPU guest (vsnoop `--queues 2`, QEMU
 /// `queues=2,mq=on`): the guest enables both pairs, the tap spreads the
 /// host's flows over its two queues by flow hash, and the offload engine,
@@ -1632,6 +1690,20 @@ fn backend_restart_mid_flow() {
     rig.restart_vsnoop();
     let at = progress.load(Ordering::Relaxed);
     println!("[{label}] vsnoop restarted; {at} of {total} bytes written so far");
+    // On SIGTERM the first vsnoop waited for the guest to confirm what it
+    // had acknowledged early (its custody dies with it).
+    let first_log = std::fs::read_to_string(&rig.logs[0]).unwrap_or_default();
+    let shutdown: Vec<&str> = first_log
+        .lines()
+        .filter(|l| l.contains("shutdown:"))
+        .collect();
+    println!("[{label}] first vsnoop: {shutdown:#?}");
+    checks.check(
+        shutdown
+            .iter()
+            .any(|l| l.contains("nothing acknowledged early") || l.contains("acknowledged every")),
+        format!("the first vsnoop did not drain before exiting: {shutdown:?}"),
+    );
     assert!(
         (at as usize) < total,
         "[{label}] the transfer finished before the restart: make it slower"
