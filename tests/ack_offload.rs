@@ -1081,6 +1081,56 @@ fn shutdown_waits_for_the_guest_to_confirm_early_acked_bytes() {
     checks.finish();
 }
 
+/// The custody budget runs out (`--custody-budget-mb 1`) with four
+/// parallel transfers toward a guest that keeps stopping (QEMU in a 20 ms
+/// run / 60 ms stop cycle, so early-ACKed bytes pile up): flows that find
+/// no budget go offline (`custody_budget`) instead of being acknowledged
+/// without a copy, custody never exceeds the budget, and every transfer is
+/// hash-equal.
+#[test]
+fn custody_budget_exhausted() {
+    let label = "budget";
+    let mut rig = Rig::start(
+        label,
+        RigOptions {
+            vsnoop_args: vec!["--custody-budget-mb", "1"],
+            ..RigOptions::default()
+        },
+    );
+    let mut checks = EngineChecks::new(label);
+    let qemu = rig.guest.pid();
+    let handles: Vec<_> = (0..4)
+        .map(|_| sink::spawn_send(&rig.ns, GUEST_IP, SINK_PORT, 16 * MIB, &sink_opts()))
+        .collect();
+    let mut peak = 0;
+    let end = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < end && handles.iter().any(|h| !h.is_finished()) {
+        thread::sleep(Duration::from_millis(20));
+        common::signal(qemu, 19); // SIGSTOP
+        thread::sleep(Duration::from_millis(60));
+        peak = peak.max(off(&rig.stats(), "custody_bytes").unwrap_or(0));
+        common::signal(qemu, 18); // SIGCONT
+    }
+    common::signal(qemu, 18);
+    for (i, h) in handles.into_iter().enumerate() {
+        rig.join_ok(&format!("transfer {i} (16 MiB)"), h);
+    }
+    let s = rig.stats();
+    print_offload(label, "after", &s);
+    let short = checks.reason(&s, "offline", "custody_budget");
+    println!("[{label}] custody peak seen {peak} bytes, offline.custody_budget {short}");
+    checks.check(
+        short > 0,
+        "no flow ever ran out of custody budget".to_string(),
+    );
+    checks.check(
+        peak <= 1 << 20,
+        format!("custody held {peak} bytes, over the 1 MiB budget"),
+    );
+    rig.guest_health();
+    checks.finish();
+}
+
 /// Two queue pairs with a real two-vCPU guest (vsnoop `--queues 2`, QEMU
 /// `queues=2,mq=on`): the guest enables both pairs, the tap spreads the
 /// host's flows over its two queues by flow hash, and the offload engine,
