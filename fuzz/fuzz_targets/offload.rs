@@ -18,6 +18,7 @@
 //!   remote sent on that flow (counting from its ISN + 1 or from any point
 //!   the guest itself acknowledged), never carries SYN/FIN/RST, and its
 //!   window never reaches past the guest's last advertised right edge;
+//! - no early ACK follows a FIN from the guest (rule 13);
 //! - a suppressed guest ACK acknowledged nothing, advertised no edge and
 //!   SACKed nothing the sender had not already been told;
 //! - a rewritten guest packet keeps a correct checksum (or stays corrupt,
@@ -91,6 +92,9 @@ struct Model {
     sender_edge: Option<i64>,
     /// The engine's key of this flow (for the trace).
     key: Option<vsnoop::offload::FlowKey>,
+    /// The guest sent a FIN (since the last SYN): no early ACK may follow
+    /// (rule 13). Checked on tainted slots too: it is read off the frames.
+    guest_fin: bool,
 }
 
 impl Model {
@@ -237,6 +241,21 @@ impl Slot {
             (Some(g), Some(_)) => u32::from(g.min(14)),
             _ => 0,
         }
+    }
+
+    /// A SYN the model did not build (arbitrary flags, flipped bytes) may
+    /// announce another window scale than the slot's: the engine then
+    /// scales differently and the model stops predicting. A SYN also
+    /// starts a connection over: an earlier guest FIN no longer counts.
+    fn note_syn(&mut self, seg: &TcpSegment, from_guest: bool) {
+        if !seg.has(flags::SYN) || seg.has(flags::RST) {
+            return;
+        }
+        let announced = if from_guest { self.guest_ws } else { self.remote_ws };
+        if seg.options.wscale != announced {
+            self.m.tainted = true;
+        }
+        self.m.guest_fin = false;
     }
 
     /// Whether `seg` belongs to this flow, sent by the guest if `from_guest`.
@@ -956,6 +975,7 @@ impl Run {
             if let Some(i) = slot_of(&self.slots, &seg, false) {
                 let s = &mut self.slots[i];
                 s.m.key = Some(vsnoop::offload::FlowKey::of(&seg, false));
+                s.note_syn(&seg, false);
                 let data = !seg.has(flags::SYN) && !seg.has(flags::RST) && seg.payload_len > 0;
                 // The guest gets it (and may acknowledge it) unless the
                 // backend verifies and finds it damaged.
@@ -1011,6 +1031,10 @@ impl Run {
         let Some(i) = slot_of(&self.slots, &seg, true) else {
             return;
         };
+        assert!(
+            !self.slots[i].m.guest_fin,
+            "early ACK after the guest's FIN (rule 13)"
+        );
         if !self.slots[i].m.tainted {
             let s = &self.slots[i];
             if let Some((tsval, _)) = seg.options.timestamps {
@@ -1040,6 +1064,10 @@ impl Run {
             // What the guest says, whatever the engine does with it.
             let s = &mut self.slots[i];
             s.m.key = Some(vsnoop::offload::FlowKey::of(&seg, true));
+            s.note_syn(&seg, true);
+            if seg.has(flags::FIN) && !seg.has(flags::RST) {
+                s.m.guest_fin = true;
+            }
             if seg.has(flags::SYN) && !seg.has(flags::RST) {
                 s.m.g_syn_edge = Some(1 + i64::from(seg.window));
                 s.m.syn_pending = true;

@@ -594,11 +594,19 @@ impl Flow {
             fx.closed = true;
             return (TxVerdict::Pass, fx);
         }
+        if seg.has(flags::FIN) {
+            // Rule 13, whatever else the segment is: also a FIN on a SYN or
+            // before the handshake completed (the flow then starts offline).
+            self.closing = true;
+            fx.offline = self.go_offline(OfflineReason::GuestFin);
+        }
         if seg.has(flags::SYN) {
             if self.mode == Mode::Handshake {
                 self.guest_syn = SynFacts::from(seg);
                 if let Some(reason) = pass_reason(seg) {
+                    // Decided by this SYN: counted like an establishment.
                     self.mode = Mode::PassThrough(reason);
+                    fx.established = Some(self.mode);
                 }
             }
             self.learn_guest(headers, seg);
@@ -610,13 +618,12 @@ impl Flow {
                 return (TxVerdict::Pass, fx);
             }
             fx.established = Some(self.establish());
+            if self.closing {
+                fx.offline = self.go_offline(OfflineReason::GuestFin);
+            }
         }
         if seg.has(flags::URG) && !matches!(self.mode, Mode::PassThrough(_)) {
             self.mode = Mode::PassThrough(PassReason::Urgent);
-        }
-        if seg.has(flags::FIN) {
-            self.closing = true;
-            fx.offline = self.go_offline(OfflineReason::GuestFin);
         }
         if !seg.has(flags::ACK) {
             return (TxVerdict::Pass, fx);
@@ -782,6 +789,10 @@ impl Flow {
             if self.mode == Mode::Handshake || matches!(self.mode, Mode::PassThrough(_)) {
                 self.remote_syn = SynFacts::from(seg);
                 if let Some(reason) = pass_reason(seg) {
+                    if self.mode == Mode::Handshake {
+                        // Decided by this SYN: counted like an establishment.
+                        fx.established = Some(Mode::PassThrough(reason));
+                    }
                     self.mode = Mode::PassThrough(reason);
                 }
             }
@@ -792,6 +803,10 @@ impl Flow {
                 return fx;
             }
             fx.established = Some(self.establish());
+            if self.closing {
+                // The guest sent its FIN during the handshake (rule 13).
+                fx.offline = self.go_offline(OfflineReason::GuestFin);
+            }
         }
         if matches!(self.mode, Mode::PassThrough(_)) {
             return fx;
@@ -1014,7 +1029,9 @@ fn pass_reason(seg: &TcpSegment) -> Option<PassReason> {
         Some(PassReason::Mptcp)
     } else if seg.has(flags::URG) {
         Some(PassReason::Urgent)
-    } else if seg.has(flags::SYN) && (o.fastopen || seg.payload_len > 0) {
+    } else if seg.has(flags::SYN) && (o.fastopen || seg.payload_len > 0 || seg.has(flags::FIN)) {
+        // Data or a FIN on the SYN (RFC 9293 allows both; Linux sends a FIN
+        // there never): the handshake is not one whose state rule 13 follows.
         Some(PassReason::SynData)
     } else if seg.has(flags::SYN) && seg.ae {
         Some(PassReason::AccEcn)

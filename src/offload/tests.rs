@@ -380,6 +380,7 @@ fn rule_1_md5_ao_mptcp_fastopen_accecn_and_urg_stay_pass_through() {
             "urgent",
         ),
         (vec![], 0, b"tfo".to_vec(), "syn_data"),
+        (vec![], flags::FIN, vec![], "syn_data"),
     ];
     for (extra, extra_flags, payload, reason) in cases {
         let mut h = Harness::new(Conn::default());
@@ -436,6 +437,110 @@ fn rule_1_md5_ao_mptcp_fastopen_accecn_and_urg_stay_pass_through() {
     f[14 + 20 + 12] |= 1;
     h.rx_frame(&f, RxChecksum::Valid);
     assert_eq!(h.stats().passthrough["accecn"], 1);
+}
+
+#[test]
+fn rule_1_and_13_a_guest_syn_ack_carrying_fin_keeps_the_flow_out() {
+    // Found by the fuzz target: the FIN on the guest's SYN-ACK was ignored,
+    // the flow went active and remote data was acknowledged early although
+    // the guest had sent its FIN (rule 13: offline after the guest's FIN).
+    let mut h = Harness::new(Conn::default());
+    let ts = h.ts_r();
+    h.rx(Seg {
+        seq: REMOTE_ISN,
+        flags: flags::SYN,
+        window: 64_240,
+        ts,
+        ..Seg::default()
+    });
+    let ts = h.ts_g();
+    h.tx(Seg {
+        seq: GUEST_ISN,
+        ack: REMOTE_ISN + 1,
+        flags: flags::SYN | flags::ACK | flags::FIN,
+        window: 65_535,
+        ts,
+        ..Seg::default()
+    });
+    let ts = h.ts_r();
+    let early = h.rx(Seg {
+        seq: REMOTE_ISN + 1,
+        ack: GUEST_ISN + 2,
+        flags: flags::ACK,
+        window: 502,
+        ts,
+        payload: vec![7; 50],
+        ..Seg::default()
+    });
+    assert!(early.is_none(), "no early ACK for a guest that sent FIN");
+    assert_eq!(h.stats().passthrough["syn_data"], 1);
+    assert_eq!(h.stats().flows_offloaded, 0);
+}
+
+#[test]
+fn rule_13_a_guest_fin_during_the_handshake_keeps_the_flow_offline() {
+    let mut h = Harness::new(Conn::default());
+    let ts = h.ts_r();
+    h.rx(Seg {
+        seq: REMOTE_ISN,
+        flags: flags::SYN,
+        window: 64_240,
+        ts,
+        ..Seg::default()
+    });
+    // A FIN before the guest's SYN-ACK (no Linux guest does this).
+    let ts = h.ts_g();
+    h.tx(Seg {
+        seq: GUEST_ISN + 1,
+        ack: REMOTE_ISN + 1,
+        flags: flags::FIN,
+        window: 1000,
+        ts,
+        ..Seg::default()
+    });
+    let ts = h.ts_g();
+    h.tx(Seg {
+        seq: GUEST_ISN,
+        ack: REMOTE_ISN + 1,
+        flags: flags::SYN | flags::ACK,
+        window: 65_535,
+        ts,
+        ..Seg::default()
+    });
+    let ts = h.ts_r();
+    let early = h.rx(Seg {
+        seq: REMOTE_ISN + 1,
+        ack: GUEST_ISN + 1,
+        flags: flags::ACK,
+        window: 502,
+        ts,
+        payload: vec![7; 50],
+        ..Seg::default()
+    });
+    assert!(early.is_none(), "no early ACK after the guest's FIN");
+    assert_eq!(h.mode(), Mode::Offline(OfflineReason::GuestFin));
+    assert_eq!(h.stats().offline["guest_fin"], 1);
+    assert_eq!(h.stats().flows_offloaded, 1);
+}
+
+#[test]
+fn rule_13_a_fin_on_a_guest_syn_in_an_established_flow_takes_it_offline() {
+    // Found by the fuzz target: the SYN branch returned before the FIN was
+    // looked at, and early ACKs went on.
+    let mut h = Harness::new(Conn::default());
+    h.handshake();
+    h.data(1000).unwrap();
+    let ts = h.ts_g();
+    h.tx(Seg {
+        seq: GUEST_ISN + 1,
+        ack: h.rseq,
+        flags: flags::SYN | flags::FIN | flags::ACK,
+        window: 1000,
+        ts,
+        ..Seg::default()
+    });
+    assert_eq!(h.mode(), Mode::Offline(OfflineReason::GuestFin));
+    assert!(h.data(100).is_none(), "no early ACK after the guest's FIN");
 }
 
 #[test]
