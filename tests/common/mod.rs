@@ -214,6 +214,10 @@ impl Vsnoop {
 
     /// Sends SIGTERM and waits for a clean exit; returns the exit status code.
     pub fn terminate(&mut self) -> Option<i32> {
+        // An exited (reaped) vsnoop's PID may belong to someone else now.
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return status.code();
+        }
         signal(self.child.id(), 15);
         self.wait_exit(Duration::from_secs(10))
     }
