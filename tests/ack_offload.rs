@@ -2062,13 +2062,17 @@ fn migration_start_and_cancel() {
 /// two hosts' bridges on one network would be. The source drains; at the
 /// switchover both VMs' memories are identical page by page; the transfer
 /// completes hash-equal on the destination, whose vsnoop sees the flow
-/// mid-stream and never offloads it; a new flow there is offloaded.
+/// mid-stream and never offloads it; a new flow there is offloaded. The
+/// device has two queue pairs (a two-vCPU guest), so QEMU drives two vhost
+/// devices on each connection: memory regions and the dirty log arrive
+/// twice.
 #[test]
 fn migration_completes_mid_transfer() {
     let label = "migrate-to";
     let (mut rig, mut qmp) = Rig::with_qmp(
         label,
         RigOptions {
+            queues: 2,
             bridge: true,
             ..RigOptions::default()
         },
