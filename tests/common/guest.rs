@@ -673,6 +673,113 @@ pub fn find_sha256(text: &str) -> Option<String> {
         .map(str::to_string)
 }
 
+/// A listener on [`HOST_IP`]:`port` inside `ns` (usable from any thread).
+fn listen_in(ns: &Netns, port: u16) -> TcpListener {
+    let addr: SocketAddr = format!("{HOST_IP}:{port}").parse().unwrap();
+    in_netns(ns, move || TcpListener::bind(addr))
+        .join()
+        .expect("bind thread")
+        .unwrap_or_else(|e| panic!("bind {addr} in the namespace: {e}"))
+}
+
+/// The first connection to `listener` before `deadline`, blocking, with
+/// the time left as its read and write timeout.
+fn accept_until(listener: &TcpListener, deadline: Instant) -> Result<TcpStream, String> {
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let stream = loop {
+        match listener.accept() {
+            Ok((s, _)) => break s,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(format!("accept: {e}")),
+        }
+    };
+    stream.set_nonblocking(false).map_err(|e| e.to_string())?;
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_secs(1));
+    stream.set_read_timeout(Some(left)).ok();
+    stream.set_write_timeout(Some(left)).ok();
+    Ok(stream)
+}
+
+/// A download the guest starts: busybox `wget` fetches `size` random bytes
+/// from a one-shot HTTP server on [`HOST_IP`]:`port` in `ns` into /tmp, then
+/// reports `wc -c` and `sha256sum`. The connection is the guest's (its SYN
+/// comes first); the data flows toward it.
+pub fn download_to_guest(
+    ns: &Netns,
+    guest: &mut Guest,
+    port: u16,
+    size: usize,
+    timeout: Duration,
+) -> Transfer {
+    let mut data = vec![0u8; size];
+    rand::thread_rng().fill_bytes(&mut data);
+    let sender_sha256 = sha256_hex(&data);
+    let listener = listen_in(ns, port);
+    let deadline = Instant::now() + timeout;
+    let server = thread::spawn(move || -> Result<Duration, String> {
+        let mut stream = accept_until(&listener, deadline)?;
+        let start = Instant::now();
+        // The request head, then the whole body and the end of the stream.
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while find_bytes(&head, b"\r\n\r\n").is_none() && head.len() < 16 * 1024 {
+            match stream.read(&mut buf) {
+                Ok(0) => return Err("the guest closed before its request".into()),
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+                Err(e) => return Err(format!("request: {e}")),
+            }
+        }
+        let reply = format!(
+            "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            data.len()
+        );
+        stream
+            .write_all(reply.as_bytes())
+            .and_then(|_| stream.write_all(&data))
+            .map_err(|e| format!("send: {e}"))?;
+        stream.shutdown(Shutdown::Write).ok();
+        // Until the guest closes: everything was read by then.
+        while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
+        Ok(start.elapsed())
+    });
+    let f = "/tmp/vsnoop-dl.bin";
+    let (code, out) = guest.run(
+        &format!(
+            "wget -q -O {f} http://{HOST_IP}:{port}/blob; echo wget=$?; wc -c <{f}; sha256sum {f}; rm -f {f}"
+        ),
+        timeout + Duration::from_secs(30),
+    );
+    let elapsed = match server.join() {
+        Ok(Ok(elapsed)) => elapsed,
+        Ok(Err(e)) => panic!(
+            "download to the guest failed: {e}\nguest said: {out}\n{}",
+            guest.diagnostics()
+        ),
+        Err(_) => panic!("download server thread panicked\n{}", guest.diagnostics()),
+    };
+    assert!(
+        code == 0 && out.contains("wget=0"),
+        "guest wget: {out}\n{}",
+        guest.diagnostics()
+    );
+    let bytes = out
+        .lines()
+        .find_map(|l| l.trim().parse::<usize>().ok())
+        .unwrap_or_else(|| panic!("no byte count from the guest: {out}"));
+    let receiver_sha256 =
+        find_sha256(&out).unwrap_or_else(|| panic!("no sha256 from the guest: {out}"));
+    Transfer {
+        bytes,
+        sender_sha256,
+        receiver_sha256,
+        elapsed,
+    }
+}
+
 /// Sends `size` random bytes from the namespace to the guest (guest: busybox
 /// `nc -l` into /tmp, then `wc -c` and `sha256sum`). Completion is detected on
 /// both sides: the host writes everything and half-closes, the guest `nc` exits
@@ -778,29 +885,11 @@ pub fn receive_from_guest(
     );
     let sender_sha256 =
         find_sha256(&prep).unwrap_or_else(|| panic!("no sha256 from the guest: {prep}"));
-    let addr: SocketAddr = format!("{HOST_IP}:{port}").parse().unwrap();
-    let listener = in_netns(ns, move || TcpListener::bind(addr))
-        .join()
-        .expect("bind thread")
-        .unwrap_or_else(|e| panic!("bind {addr} in the namespace: {e}"));
+    let listener = listen_in(ns, port);
     let deadline = Instant::now() + timeout;
     let receiver = thread::spawn(move || -> Result<(usize, String, Duration), String> {
-        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
-        let mut stream = loop {
-            match listener.accept() {
-                Ok((s, _)) => break s,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
-                    thread::sleep(Duration::from_millis(20));
-                }
-                Err(e) => return Err(format!("accept: {e}")),
-            }
-        };
+        let mut stream = accept_until(&listener, deadline)?;
         let start = Instant::now();
-        stream.set_nonblocking(false).map_err(|e| e.to_string())?;
-        let left = deadline
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_secs(1));
-        stream.set_read_timeout(Some(left)).ok();
         let mut hasher = Sha256::new();
         let mut total = 0usize;
         let mut buf = vec![0u8; 256 * 1024];
