@@ -187,6 +187,18 @@ impl Rig {
         rig
     }
 
+    /// [`Rig::start`] and the counter checks of the test `label`.
+    fn start_checked(label: &str, opts: RigOptions) -> (Rig, EngineChecks) {
+        (Rig::start(label, opts), EngineChecks::new(label))
+    }
+
+    /// The end of a test: the guest is healthy and every counter check
+    /// passed.
+    fn finish(mut self, checks: EngineChecks) {
+        self.guest_health();
+        checks.finish();
+    }
+
     /// [`Rig::start`] with QEMU's QMP socket, connected.
     fn with_qmp(label: &str, opts: RigOptions) -> (Rig, Qmp) {
         let mut rig = Rig::start(label, RigOptions { qmp: true, ..opts });
@@ -546,6 +558,20 @@ impl EngineChecks {
         }
     }
 
+    /// Early ACKs were sent and, unless `flows` is None, exactly that many
+    /// flows were offloaded (counters since vsnoop started).
+    fn offloaded(&mut self, stats: &Value, flows: Option<u64>) {
+        let early = self.get(stats, "early_acks");
+        self.check(early > 0, format!("early_acks is {early}"));
+        if let Some(n) = flows {
+            let offloaded = self.get(stats, "flows_offloaded");
+            self.check(
+                offloaded == n,
+                format!("flows_offloaded is {offloaded}, not {n}"),
+            );
+        }
+    }
+
     fn check(&mut self, ok: bool, msg: String) {
         if !ok {
             self.fail(msg);
@@ -616,8 +642,7 @@ fn delta(after: &HashMap<String, u64>, before: &HashMap<String, u64>, key: &str)
 #[test]
 fn bulk_host_to_guest() {
     let label = "bulk";
-    let mut rig = Rig::start(label, RigOptions::default());
-    let mut checks = EngineChecks::new(label);
+    let (mut rig, mut checks) = Rig::start_checked(label, RigOptions::default());
     let before = rig.stats();
     print_offload(label, "before", &before);
     checks.check(
@@ -668,8 +693,7 @@ fn bulk_host_to_guest() {
         text.contains(&line),
         format!("`vsnoop stats` lacks {line:?}"),
     );
-    rig.guest_health();
-    checks.finish();
+    rig.finish(checks);
 }
 
 /// IPv6 through a real guest: the host's tap and the guest's eth0 get
@@ -680,8 +704,7 @@ fn bulk_host_to_guest() {
 #[test]
 fn ipv6_host_to_guest() {
     let label = "ipv6";
-    let mut rig = Rig::start(label, RigOptions::default());
-    let mut checks = EngineChecks::new(label);
+    let (mut rig, mut checks) = Rig::start_checked(label, RigOptions::default());
     rig.ns.exec(&[
         "ip",
         "-6",
@@ -737,8 +760,7 @@ fn ipv6_host_to_guest() {
         "[{label}] sender TcpRetransSegs +{}",
         delta(&nst1, &nst0, "TcpRetransSegs")
     );
-    rig.guest_health();
-    checks.finish();
+    rig.finish(checks);
 }
 
 /// Through tapnetem (loss 1 %, reorder 5 %, duplicate 1 %, host -> guest):
@@ -747,7 +769,7 @@ fn ipv6_host_to_guest() {
 #[test]
 fn netem_loss_reorder_duplicate() {
     let label = "netem";
-    let mut rig = Rig::start(
+    let (mut rig, mut checks) = Rig::start_checked(
         label,
         RigOptions {
             // Reordered frames skip the delay (netem semantics), so reordering
@@ -765,7 +787,6 @@ fn netem_loss_reorder_duplicate() {
             ..RigOptions::default()
         },
     );
-    let mut checks = EngineChecks::new(label);
     let nst0 = rig.host_nstat();
     rig.send_ok("transfer 1 (16 MiB)", 16 * MIB, &sink_opts());
     let s1 = rig.stats();
@@ -809,8 +830,7 @@ fn netem_loss_reorder_duplicate() {
             "[{label}] tapnetem {key} is 0: the impairment did not happen ({netem:?})"
         );
     }
-    rig.guest_health();
-    checks.finish();
+    rig.finish(checks);
 }
 
 /// Without mergeable RX buffers (`mrg_rxbuf=off`) a Linux guest that
@@ -821,14 +841,13 @@ fn netem_loss_reorder_duplicate() {
 #[test]
 fn big_packet_chains_without_mergeable_buffers() {
     let label = "no-mrg";
-    let mut rig = Rig::start(
+    let (mut rig, mut checks) = Rig::start_checked(
         label,
         RigOptions {
             device_opts: "mrg_rxbuf=off",
             ..RigOptions::default()
         },
     );
-    let mut checks = EngineChecks::new(label);
     let log = rig.vsnoop.log_text();
     assert!(
         log.contains("mergeable false"),
@@ -837,17 +856,13 @@ fn big_packet_chains_without_mergeable_buffers() {
     rig.send_ok("32 MiB", 32 * MIB, &sink_opts());
     let s = rig.stats();
     print_offload(label, "after", &s);
-    let early = checks.get(&s, "early_acks");
-    let offloaded = checks.get(&s, "flows_offloaded");
-    checks.check(early > 0, format!("early_acks is {early}"));
-    checks.check(offloaded == 1, format!("flows_offloaded is {offloaded}"));
+    checks.offloaded(&s, Some(1));
     let q = &s["queues"][0];
     println!(
         "[{label}] rx {} packets, rx_bounced {}, rx_no_buffer {}",
         q["rx_packets"], q["rx_bounced"], q["rx_no_buffer"]
     );
-    rig.guest_health();
-    checks.finish();
+    rig.finish(checks);
 }
 
 /// A guest without receive checksum offload (`guest_csum=off` and the
@@ -859,14 +874,13 @@ fn big_packet_chains_without_mergeable_buffers() {
 #[test]
 fn guest_without_checksum_offload_gets_verified_segments() {
     let label = "no-csum";
-    let mut rig = Rig::start(
+    let (mut rig, mut checks) = Rig::start_checked(
         label,
         RigOptions {
             device_opts: "guest_csum=off,guest_tso4=off,guest_tso6=off,guest_ecn=off,guest_ufo=off",
             ..RigOptions::default()
         },
     );
-    let mut checks = EngineChecks::new(label);
     rig.send_ok("16 MiB", 16 * MIB, &sink_opts());
     let s = rig.stats();
     print_offload(label, "after", &s);
@@ -882,8 +896,7 @@ fn guest_without_checksum_offload_gets_verified_segments() {
         bad == 0,
         format!("offline.bad_checksum is {bad} for good segments"),
     );
-    rig.guest_health();
-    checks.finish();
+    rig.finish(checks);
 }
 
 /// Jumbo frames: MTU 9000 on the guest's eth0 (`vsnoop.mtu=9000`) and on
@@ -893,14 +906,13 @@ fn guest_without_checksum_offload_gets_verified_segments() {
 #[test]
 fn jumbo_mtu_9000_both_ways() {
     let label = "jumbo";
-    let mut rig = Rig::start(
+    let (mut rig, mut checks) = Rig::start_checked(
         label,
         RigOptions {
             append: "vsnoop.mtu=9000".into(),
             ..RigOptions::default()
         },
     );
-    let mut checks = EngineChecks::new(label);
     rig.ns.exec(&["ip", "link", "set", &rig.tap, "mtu", "9000"]);
     let mtu = rig.guest.run_ok("cat /sys/class/net/eth0/mtu", CMD_TIMEOUT);
     assert_eq!(mtu.trim(), "9000", "[{label}] guest MTU");
@@ -917,8 +929,7 @@ fn jumbo_mtu_9000_both_ways() {
     );
     let s = rig.stats();
     print_offload(label, "after", &s);
-    let early = checks.get(&s, "early_acks");
-    checks.check(early > 0, format!("early_acks is {early}"));
+    checks.offloaded(&s, None);
     let q = &s["queues"][0];
     for key in [
         "rx_drop_frame_too_large",
@@ -927,8 +938,7 @@ fn jumbo_mtu_9000_both_ways() {
     ] {
         checks.check(q[key] == 0, format!("{key} is {}", q[key]));
     }
-    rig.guest_health();
-    checks.finish();
+    rig.finish(checks);
 }
 
 /// A full flow table (rule 14) with real stacks: vsnoop tracks at most 4
@@ -938,14 +948,13 @@ fn jumbo_mtu_9000_both_ways() {
 #[test]
 fn full_flow_table_passes_new_flows_through() {
     let label = "table-full";
-    let mut rig = Rig::start(
+    let (mut rig, mut checks) = Rig::start_checked(
         label,
         RigOptions {
             vsnoop_args: vec!["--offload-max-flows", "4"],
             ..RigOptions::default()
         },
     );
-    let mut checks = EngineChecks::new(label);
     let handles: Vec<_> = (0..8)
         .map(|_| sink::spawn_send(&rig.ns, GUEST_IP, SINK_PORT, 2 * MIB, &sink_opts()))
         .collect();
@@ -966,8 +975,7 @@ fn full_flow_table_passes_new_flows_through() {
         format!("passthrough.table_full is {full} for 8 flows"),
     );
     checks.check(tracked <= 4, format!("flows_tracked is {tracked} > 4"));
-    rig.guest_health();
-    checks.finish();
+    rig.finish(checks);
 }
 
 /// The guest resets the device mid-transfer: its virtio-net driver is
@@ -980,8 +988,7 @@ fn full_flow_table_passes_new_flows_through() {
 #[test]
 fn driver_rebind_mid_transfer() {
     let label = "rebind";
-    let mut rig = Rig::start(label, RigOptions::default());
-    let mut checks = EngineChecks::new(label);
+    let (mut rig, mut checks) = Rig::start_checked(label, RigOptions::default());
     let (handle, progress) = rig.send_under_way(
         24 * MIB,
         2 * MIB,
@@ -1010,8 +1017,7 @@ fn driver_rebind_mid_transfer() {
     rig.join_ok("transfer across the rebind", handle);
     let after = rig.stats();
     print_offload(label, "after", &after);
-    let early = checks.get(&after, "early_acks");
-    checks.check(early > 0, format!("early_acks is {early}"));
+    checks.offloaded(&after, Some(1));
     println!(
         "[{label}] re-delivered {} bytes in {} attempts, resets {}",
         checks.get(&after, "redelivered_bytes"),
@@ -1019,8 +1025,7 @@ fn driver_rebind_mid_transfer() {
         checks.get(&after, "resets")
     );
     rig.send_ok("4 MiB after the rebind", 4 * MIB, &sink_opts());
-    rig.guest_health();
-    checks.finish();
+    rig.finish(checks);
 }
 
 /// vsnoop's custody dies with the process, so on SIGTERM it stops early
@@ -1033,7 +1038,7 @@ fn driver_rebind_mid_transfer() {
 #[test]
 fn shutdown_waits_for_the_guest_to_confirm_early_acked_bytes() {
     let label = "shutdown";
-    let mut rig = Rig::start(
+    let (mut rig, mut checks) = Rig::start_checked(
         label,
         RigOptions {
             reconnect: true,
@@ -1041,19 +1046,33 @@ fn shutdown_waits_for_the_guest_to_confirm_early_acked_bytes() {
             ..RigOptions::default()
         },
     );
-    let mut checks = EngineChecks::new(label);
     let qemu = rig.guest.pid();
     let (handle, _) = rig.send_under_way(64 * MIB, 4 * MIB, sink_opts());
-    common::signal(qemu, 19); // SIGSTOP
-    let owing = rig.wait_stats(
-        "owed_bytes above 0 with the guest stopped",
-        Duration::from_secs(30),
-        |s| off(s, "owed_bytes").unwrap_or(0) > 0,
+    // Stop QEMU until a stop catches early-ACKed bytes in the guest's ring
+    // (a stop while the guest's window is closed catches none: again).
+    let mut owed = 0;
+    for _ in 0..20 {
+        common::signal(qemu, 19); // SIGSTOP
+                                  // The gauge is updated every 20 ms: read it once the stop has taken
+                                  // effect, when the guest can no longer acknowledge anything.
+        thread::sleep(Duration::from_millis(200));
+        let until = Instant::now() + Duration::from_secs(2);
+        while owed == 0 && Instant::now() < until {
+            owed = off(&rig.stats(), "owed_bytes").unwrap_or(0);
+            thread::sleep(Duration::from_millis(50));
+        }
+        if owed > 0 {
+            break;
+        }
+        common::signal(qemu, 18); // SIGCONT
+        thread::sleep(Duration::from_millis(300));
+    }
+    assert!(
+        owed > 0,
+        "[{label}] no stop of the guest caught early-ACKed bytes it owed\n{}",
+        rig.guest.diagnostics()
     );
-    println!(
-        "[{label}] QEMU stopped with {} bytes owed",
-        off(&owing, "owed_bytes").unwrap_or(0)
-    );
+    println!("[{label}] QEMU stopped with {owed} bytes owed");
     common::signal(rig.vsnoop.child.id(), 15);
     rig.vsnoop
         .wait_for_log("shutdown: waiting up to", Duration::from_secs(10));
@@ -1077,8 +1096,7 @@ fn shutdown_waits_for_the_guest_to_confirm_early_acked_bytes() {
     );
     rig.restart_vsnoop();
     rig.join_ok("64 MiB across the shutdown", handle);
-    rig.guest_health();
-    checks.finish();
+    rig.finish(checks);
 }
 
 /// The custody budget runs out (`--custody-budget-mb 1`) with four
@@ -1090,14 +1108,13 @@ fn shutdown_waits_for_the_guest_to_confirm_early_acked_bytes() {
 #[test]
 fn custody_budget_exhausted() {
     let label = "budget";
-    let mut rig = Rig::start(
+    let (mut rig, mut checks) = Rig::start_checked(
         label,
         RigOptions {
             vsnoop_args: vec!["--custody-budget-mb", "1"],
             ..RigOptions::default()
         },
     );
-    let mut checks = EngineChecks::new(label);
     let qemu = rig.guest.pid();
     let handles: Vec<_> = (0..4)
         .map(|_| sink::spawn_send(&rig.ns, GUEST_IP, SINK_PORT, 16 * MIB, &sink_opts()))
@@ -1127,8 +1144,7 @@ fn custody_budget_exhausted() {
         peak <= 1 << 20,
         format!("custody held {peak} bytes, over the 1 MiB budget"),
     );
-    rig.guest_health();
-    checks.finish();
+    rig.finish(checks);
 }
 
 /// A download the guest starts (its SYN first: the flow is learned the
@@ -1138,8 +1154,7 @@ fn custody_budget_exhausted() {
 #[test]
 fn guest_initiated_download() {
     let label = "download";
-    let mut rig = Rig::start(label, RigOptions::default());
-    let mut checks = EngineChecks::new(label);
+    let (mut rig, mut checks) = Rig::start_checked(label, RigOptions::default());
     let t = download_to_guest(&rig.ns, &mut rig.guest, 5003, 16 * MIB, XFER_TIMEOUT);
     println!(
         "[{label}] {} bytes in {:.2?} ({:.0} Mbit/s)",
@@ -1154,12 +1169,8 @@ fn guest_initiated_download() {
     );
     let s = rig.stats();
     print_offload(label, "after", &s);
-    let early = checks.get(&s, "early_acks");
-    let offloaded = checks.get(&s, "flows_offloaded");
-    checks.check(early > 0, format!("early_acks is {early}"));
-    checks.check(offloaded == 1, format!("flows_offloaded is {offloaded}"));
-    rig.guest_health();
-    checks.finish();
+    checks.offloaded(&s, Some(1));
+    rig.finish(checks);
 }
 
 /// Two queue pairs with a real two-vCPU guest (vsnoop `--queues 2`, QEMU
@@ -1172,14 +1183,13 @@ fn guest_initiated_download() {
 #[test]
 fn multiqueue_flows_on_both_queue_pairs() {
     let label = "mq";
-    let mut rig = Rig::start(
+    let (mut rig, mut checks) = Rig::start_checked(
         label,
         RigOptions {
             queues: 2,
             ..RigOptions::default()
         },
     );
-    let mut checks = EngineChecks::new(label);
     let queues = rig
         .guest
         .run_ok("ls /sys/class/net/eth0/queues", CMD_TIMEOUT);
@@ -1216,15 +1226,8 @@ fn multiqueue_flows_on_both_queue_pairs() {
             format!("queue pair {i} carried no data toward the guest in {transfers} transfers"),
         );
     }
-    let offloaded = checks.get(&after, "flows_offloaded");
-    let early = checks.get(&after, "early_acks");
-    checks.check(
-        offloaded == transfers,
-        format!("flows_offloaded is {offloaded} after {transfers} transfers"),
-    );
-    checks.check(early > 0, format!("early_acks is {early}"));
-    rig.guest_health();
-    checks.finish();
+    checks.offloaded(&after, Some(transfers));
+    rig.finish(checks);
 }
 
 /// ECN (rule 11) with real stacks: the sender asks for ECN (its namespace's
@@ -1236,14 +1239,13 @@ fn multiqueue_flows_on_both_queue_pairs() {
 #[test]
 fn ecn_ce_marks_are_echoed() {
     let label = "ecn";
-    let mut rig = Rig::start(
+    let (mut rig, mut checks) = Rig::start_checked(
         label,
         RigOptions {
             netem: Some(vec!["--ce", "2"]),
             ..RigOptions::default()
         },
     );
-    let mut checks = EngineChecks::new(label);
     rig.ns.exec(&["sysctl", "-qw", "net.ipv4.tcp_ecn=1"]);
     let nst0 = sink::nstat(&rig.ns, &["TcpExtTCPDeliveredCE"]);
     let r = rig.send_ok("16 MiB with CE marks", 16 * MIB, &sink_opts());
@@ -1276,8 +1278,7 @@ fn ecn_ce_marks_are_echoed() {
         "the sender's TcpExtTCPDeliveredCE did not grow: no ECE reached it".to_string(),
     );
     println!("[{label}] {marked} CE marks, {ece} of {early} early ACKs with ECE, sender TCPDeliveredCE +{seen}");
-    rig.guest_health();
-    checks.finish();
+    rig.finish(checks);
 }
 
 /// A guest that drops data the backend already acknowledged: tcpsink with a
@@ -1293,14 +1294,13 @@ fn ecn_ce_marks_are_echoed() {
 #[test]
 fn guest_drops_early_acked_data() {
     let label = "drops";
-    let mut rig = Rig::start(
+    let (mut rig, mut checks) = Rig::start_checked(
         label,
         RigOptions {
             append: "vsnoop.sinkargs=-r,2048,-c,1".into(),
             ..RigOptions::default()
         },
     );
-    let mut checks = EngineChecks::new(label);
     let route = format!("{GUEST_IP}/32");
     rig.ns.exec(&[
         "ip", "route", "replace", &route, "dev", &rig.tap, "mtu", "lock", "200",
@@ -1363,8 +1363,7 @@ fn guest_drops_early_acked_data() {
         resets == 0,
         format!("offload.resets is {resets}: custody gave up"),
     );
-    rig.guest_health();
-    checks.finish();
+    rig.finish(checks);
 }
 
 /// The guest's vCPU waits for the CPU (QEMU stopped with SIGSTOP) while
@@ -1379,8 +1378,7 @@ fn guest_drops_early_acked_data() {
 #[test]
 fn descheduled_guest() {
     let label = "descheduled";
-    let mut rig = Rig::start(label, RigOptions::default());
-    let mut checks = EngineChecks::new(label);
+    let (mut rig, mut checks) = Rig::start_checked(label, RigOptions::default());
     let s0 = rig.stats();
     let qemu = rig.guest.pid();
     let (handle, _) = rig.send_under_way(16 * MIB, 2 * MIB, sink_opts());
@@ -1453,8 +1451,7 @@ fn descheduled_guest() {
         format!("offload.resets is {resets}: custody gave up on a guest that was only descheduled"),
     );
     checks.wait_flows_freed(&rig, "after the transfer");
-    rig.guest_health();
-    checks.finish();
+    rig.finish(checks);
 }
 
 /// The guest application stops reading for 3 s after 256 KiB: the guest
@@ -1463,14 +1460,13 @@ fn descheduled_guest() {
 #[test]
 fn zero_window() {
     let label = "zero-window";
-    let mut rig = Rig::start(
+    let (mut rig, mut checks) = Rig::start_checked(
         label,
         RigOptions {
             append: "vsnoop.sinkargs=-r,131072,-P,262144:3000".into(),
             ..RigOptions::default()
         },
     );
-    let mut checks = EngineChecks::new(label);
     let g0 = rig.guest_tcpext();
     rig.send_ok("4 MiB with a 3 s pause", 4 * MIB, &sink_opts());
     let g1 = rig.guest_tcpext();
@@ -1503,8 +1499,7 @@ fn zero_window() {
         early1 > early0,
         format!("early_acks did not grow in a normal transfer after the zero window ({early0} -> {early1})"),
     );
-    rig.guest_health();
-    checks.finish();
+    rig.finish(checks);
 }
 
 /// Guest TCP options on and off (timestamps, window scaling, SACK, the
@@ -1515,7 +1510,7 @@ fn zero_window() {
 #[test]
 fn guest_tcp_options() {
     let label = "tcp-options";
-    let mut rig = Rig::start(
+    let (mut rig, mut checks) = Rig::start_checked(
         label,
         RigOptions {
             // ':' in a value becomes a space.
@@ -1525,7 +1520,6 @@ fn guest_tcp_options() {
             ..RigOptions::default()
         },
     );
-    let mut checks = EngineChecks::new(label);
     let boot = rig.guest.run_ok(
         "sysctl -n net.ipv4.tcp_timestamps net.ipv4.tcp_sack net.ipv4.tcp_window_scaling",
         CMD_TIMEOUT,
@@ -1647,8 +1641,7 @@ fn guest_tcp_options() {
         );
     }
     print_offload(label, "after all", &rig.stats());
-    rig.guest_health();
-    checks.finish();
+    rig.finish(checks);
 }
 
 /// Remote RST and remote FIN in the middle of a transfer, and the guest
@@ -1657,8 +1650,7 @@ fn guest_tcp_options() {
 #[test]
 fn rst_fin_and_guest_close_mid_transfer() {
     let label = "rst-fin-close";
-    let mut rig = Rig::start(label, RigOptions::default());
-    let mut checks = EngineChecks::new(label);
+    let (mut rig, mut checks) = Rig::start_checked(label, RigOptions::default());
 
     // Remote RST after 2 of 8 MiB.
     let r = rig
@@ -1721,8 +1713,7 @@ fn rst_fin_and_guest_close_mid_transfer() {
     rig.send_ok("after guest close", 4 * MIB, &sink_opts());
     checks.wait_flows_freed(&rig, "after the last transfer");
     print_offload(label, "after", &rig.stats());
-    rig.guest_health();
-    checks.finish();
+    rig.finish(checks);
 }
 
 /// vsnoop restarted in the middle of a transfer (QEMU reconnect=1): the flow
@@ -1731,14 +1722,13 @@ fn rst_fin_and_guest_close_mid_transfer() {
 #[test]
 fn backend_restart_mid_flow() {
     let label = "restart";
-    let mut rig = Rig::start(
+    let (mut rig, mut checks) = Rig::start_checked(
         label,
         RigOptions {
             reconnect: true,
             ..RigOptions::default()
         },
     );
-    let mut checks = EngineChecks::new(label);
     let progress = Arc::new(AtomicU64::new(0));
     let total = 24 * MIB;
     let handle = sink::spawn_send(
@@ -1821,8 +1811,7 @@ fn backend_restart_mid_flow() {
         offloaded >= 1,
         format!("flows_offloaded is {offloaded} after a new flow"),
     );
-    rig.guest_health();
-    checks.finish();
+    rig.finish(checks);
 }
 
 /// Guest -> host bulk transfer with the offload on works as before (the
@@ -2081,8 +2070,7 @@ fn migration_start_and_cancel() {
     }) {
         println!("[{label}] vsnoop: {line}");
     }
-    rig.guest_health();
-    checks.finish();
+    rig.finish(checks);
 }
 
 /// A live migration that completes, to a second QEMU served by a second
@@ -2280,8 +2268,7 @@ fn migration_completes_mid_transfer() {
             early(&dst2)
         ),
     );
-    rig.guest_health();
-    checks.finish();
+    rig.finish(checks);
 }
 
 /// QEMU arguments of a migration destination: paused after the migration

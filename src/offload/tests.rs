@@ -278,6 +278,33 @@ impl Harness {
         assert_eq!(self.stats().flows_offloaded, offloaded + 1);
     }
 
+    /// A remote SYN without options (for handshakes built step by step).
+    fn plain_remote_syn(&mut self) {
+        let ts = self.ts_r();
+        self.rx(Seg {
+            seq: REMOTE_ISN,
+            flags: flags::SYN,
+            window: 64_240,
+            ts,
+            ..Seg::default()
+        });
+    }
+
+    /// The remote's handshake ACK (`ack` acknowledging the guest) with the
+    /// first 50 bytes of data; the early ACK, if any.
+    fn first_remote_data(&mut self, ack: u32) -> Option<Vec<u8>> {
+        let ts = self.ts_r();
+        self.rx(Seg {
+            seq: REMOTE_ISN + 1,
+            ack,
+            flags: flags::ACK,
+            window: 502,
+            ts,
+            payload: vec![7; 50],
+            ..Seg::default()
+        })
+    }
+
     fn guest_ack(&mut self, ack: u32, window: u16, ts: Option<(u32, u32)>) -> (TxVerdict, Vec<u8>) {
         self.tx(Seg {
             seq: GUEST_ISN + 1,
@@ -445,14 +472,7 @@ fn rule_1_and_13_a_guest_syn_ack_carrying_fin_keeps_the_flow_out() {
     // the flow went active and remote data was acknowledged early although
     // the guest had sent its FIN (rule 13: offline after the guest's FIN).
     let mut h = Harness::new(Conn::default());
-    let ts = h.ts_r();
-    h.rx(Seg {
-        seq: REMOTE_ISN,
-        flags: flags::SYN,
-        window: 64_240,
-        ts,
-        ..Seg::default()
-    });
+    h.plain_remote_syn();
     let ts = h.ts_g();
     h.tx(Seg {
         seq: GUEST_ISN,
@@ -462,16 +482,7 @@ fn rule_1_and_13_a_guest_syn_ack_carrying_fin_keeps_the_flow_out() {
         ts,
         ..Seg::default()
     });
-    let ts = h.ts_r();
-    let early = h.rx(Seg {
-        seq: REMOTE_ISN + 1,
-        ack: GUEST_ISN + 2,
-        flags: flags::ACK,
-        window: 502,
-        ts,
-        payload: vec![7; 50],
-        ..Seg::default()
-    });
+    let early = h.first_remote_data(GUEST_ISN + 2);
     assert!(early.is_none(), "no early ACK for a guest that sent FIN");
     assert_eq!(h.stats().passthrough["syn_data"], 1);
     assert_eq!(h.stats().flows_offloaded, 0);
@@ -480,14 +491,7 @@ fn rule_1_and_13_a_guest_syn_ack_carrying_fin_keeps_the_flow_out() {
 #[test]
 fn rule_13_a_guest_fin_during_the_handshake_keeps_the_flow_offline() {
     let mut h = Harness::new(Conn::default());
-    let ts = h.ts_r();
-    h.rx(Seg {
-        seq: REMOTE_ISN,
-        flags: flags::SYN,
-        window: 64_240,
-        ts,
-        ..Seg::default()
-    });
+    h.plain_remote_syn();
     // A FIN before the guest's SYN-ACK (no Linux guest does this).
     let ts = h.ts_g();
     h.tx(Seg {
@@ -507,16 +511,7 @@ fn rule_13_a_guest_fin_during_the_handshake_keeps_the_flow_offline() {
         ts,
         ..Seg::default()
     });
-    let ts = h.ts_r();
-    let early = h.rx(Seg {
-        seq: REMOTE_ISN + 1,
-        ack: GUEST_ISN + 1,
-        flags: flags::ACK,
-        window: 502,
-        ts,
-        payload: vec![7; 50],
-        ..Seg::default()
-    });
+    let early = h.first_remote_data(GUEST_ISN + 1);
     assert!(early.is_none(), "no early ACK after the guest's FIN");
     assert_eq!(h.mode(), Mode::Offline(OfflineReason::GuestFin));
     assert_eq!(h.stats().offline["guest_fin"], 1);

@@ -673,6 +673,35 @@ pub fn find_sha256(text: &str) -> Option<String> {
         .map(str::to_string)
 }
 
+/// What a host-side transfer thread returned; panics with what the guest
+/// said and its diagnostics when the thread failed.
+fn host_side<T>(
+    handle: thread::JoinHandle<Result<T, String>>,
+    what: &str,
+    guest_said: &str,
+    guest: &mut Guest,
+) -> T {
+    match handle.join() {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => panic!(
+            "{what} failed: {e}\nguest said: {guest_said}\n{}",
+            guest.diagnostics()
+        ),
+        Err(_) => panic!("{what}: the host thread panicked\n{}", guest.diagnostics()),
+    }
+}
+
+/// The byte count (a line `bytes=N`) and SHA-256 the guest reported.
+fn guest_received(out: &str) -> (usize, String) {
+    let bytes = out
+        .lines()
+        .find_map(|l| l.strip_prefix("bytes="))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no byte count from the guest: {out}"));
+    let sha = find_sha256(out).unwrap_or_else(|| panic!("no sha256 from the guest: {out}"));
+    (bytes, sha)
+}
+
 /// A listener on [`HOST_IP`]:`port` inside `ns` (usable from any thread).
 fn listen_in(ns: &Netns, port: u16) -> TcpListener {
     let addr: SocketAddr = format!("{HOST_IP}:{port}").parse().unwrap();
@@ -749,29 +778,18 @@ pub fn download_to_guest(
     let f = "/tmp/vsnoop-dl.bin";
     let (code, out) = guest.run(
         &format!(
-            "wget -q -O {f} http://{HOST_IP}:{port}/blob; echo wget=$?; wc -c <{f}; sha256sum {f}; rm -f {f}"
+            "wget -q -O {f} http://{HOST_IP}:{port}/blob; echo wget=$?; \
+             echo bytes=$(wc -c <{f}); sha256sum {f}; rm -f {f}"
         ),
         timeout + Duration::from_secs(30),
     );
-    let elapsed = match server.join() {
-        Ok(Ok(elapsed)) => elapsed,
-        Ok(Err(e)) => panic!(
-            "download to the guest failed: {e}\nguest said: {out}\n{}",
-            guest.diagnostics()
-        ),
-        Err(_) => panic!("download server thread panicked\n{}", guest.diagnostics()),
-    };
+    let elapsed = host_side(server, "download to the guest", &out, guest);
     assert!(
         code == 0 && out.contains("wget=0"),
         "guest wget: {out}\n{}",
         guest.diagnostics()
     );
-    let bytes = out
-        .lines()
-        .find_map(|l| l.trim().parse::<usize>().ok())
-        .unwrap_or_else(|| panic!("no byte count from the guest: {out}"));
-    let receiver_sha256 =
-        find_sha256(&out).unwrap_or_else(|| panic!("no sha256 from the guest: {out}"));
+    let (bytes, receiver_sha256) = guest_received(&out);
     Transfer {
         bytes,
         sender_sha256,
@@ -840,26 +858,8 @@ pub fn send_to_guest(
         ),
         timeout + Duration::from_secs(30),
     );
-    let elapsed = match sender.join() {
-        Ok(Ok(d)) => d,
-        Ok(Err(e)) => panic!(
-            "host->guest transfer failed: {e}\nguest said: {}\n{}",
-            out.1,
-            guest.diagnostics()
-        ),
-        Err(_) => panic!(
-            "host->guest sender thread panicked\n{}",
-            guest.diagnostics()
-        ),
-    };
-    let bytes: usize = out
-        .1
-        .lines()
-        .find_map(|l| l.strip_prefix("bytes="))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no byte count from the guest: {}", out.1));
-    let receiver_sha256 =
-        find_sha256(&out.1).unwrap_or_else(|| panic!("no sha256 from the guest: {}", out.1));
+    let elapsed = host_side(sender, "host->guest transfer", &out.1, guest);
+    let (bytes, receiver_sha256) = guest_received(&out.1);
     Transfer {
         bytes,
         sender_sha256,
@@ -911,24 +911,14 @@ pub fn receive_from_guest(
         &format!("nc {HOST_IP} {port} <{f} >/dev/null; echo nc=$?; rm -f {f}"),
         timeout + Duration::from_secs(30),
     );
-    match receiver.join() {
-        Ok(Ok((bytes, receiver_sha256, elapsed))) => {
-            assert_eq!(code, 0, "guest nc: {out}");
-            Transfer {
-                bytes,
-                sender_sha256,
-                receiver_sha256,
-                elapsed,
-            }
-        }
-        Ok(Err(e)) => panic!(
-            "guest->host transfer failed: {e}\nguest said: {out}\n{}",
-            guest.diagnostics()
-        ),
-        Err(_) => panic!(
-            "guest->host receiver thread panicked\n{}",
-            guest.diagnostics()
-        ),
+    let (bytes, receiver_sha256, elapsed) =
+        host_side(receiver, "guest->host transfer", &out, guest);
+    assert_eq!(code, 0, "guest nc: {out}");
+    Transfer {
+        bytes,
+        sender_sha256,
+        receiver_sha256,
+        elapsed,
     }
 }
 
