@@ -339,6 +339,9 @@ pub struct Flow {
     pub last_guest: u64,
     /// Last packet in either direction (ns), for ageing.
     pub last_seen: u64,
+    /// The guest's latest non-SYN ACK (ack, raw window) while the
+    /// handshake was still incomplete: its window counts at establishment.
+    handshake_ack: Option<(u32, u16)>,
     /// In the engine's list of flows that may owe bytes (the engine adds a
     /// flow when it starts owing and drops it lazily, on its timer).
     pub(super) in_owed: bool,
@@ -413,6 +416,7 @@ impl Flow {
             last_progress: now,
             last_guest: now,
             last_seen: now,
+            handshake_ack: None,
             in_owed: false,
             id: 0,
         }
@@ -544,6 +548,18 @@ impl Flow {
         true
     }
 
+    /// What takes a flow offline as it is established: a guest FIN during
+    /// the handshake (rule 13) or a guest that closed its window then.
+    fn offline_from_the_start(&mut self) -> Option<OfflineReason> {
+        if self.closing {
+            self.go_offline(OfflineReason::GuestFin)
+        } else if self.gwin == 0 {
+            self.go_offline(OfflineReason::ZeroWindow)
+        } else {
+            None
+        }
+    }
+
     /// Both SYNs are known: fix what was negotiated and pick the mode.
     fn establish(&mut self) -> Mode {
         let (g, r) = (self.guest_syn, self.remote_syn);
@@ -564,6 +580,15 @@ impl Flow {
         self.gack = self.d;
         self.gwin = g.window;
         self.gedge = self.d.wrapping_add(u32::from(g.window));
+        if let Some((ack, window)) = self.handshake_ack {
+            // The guest spoke again before the handshake completed: never
+            // advertise past the edge it gave last (rule 6).
+            let edge = ack.wrapping_add(window_bytes(window, self.ws_guest));
+            if seq_lt(edge, self.gedge) {
+                self.gwin = window;
+                self.gedge = if seq_lt(edge, self.d) { self.d } else { edge };
+            }
+        }
         self.edge_sent = self.gedge;
         self.custody.reset(self.d);
         if !matches!(self.mode, Mode::PassThrough(_)) {
@@ -603,6 +628,7 @@ impl Flow {
         if seg.has(flags::SYN) {
             if self.mode == Mode::Handshake {
                 self.guest_syn = SynFacts::from(seg);
+                self.handshake_ack = None;
                 if let Some(reason) = pass_reason(seg) {
                     // Decided by this SYN: counted like an establishment.
                     self.mode = Mode::PassThrough(reason);
@@ -614,13 +640,14 @@ impl Flow {
         }
         self.learn_guest(headers, seg);
         if self.mode == Mode::Handshake {
+            if seg.has(flags::ACK) && self.guest_syn.seen {
+                self.handshake_ack = Some((seg.ack, seg.window));
+            }
             if !(self.guest_syn.seen && self.remote_syn.seen) {
                 return (TxVerdict::Pass, fx);
             }
             fx.established = Some(self.establish());
-            if self.closing {
-                fx.offline = self.go_offline(OfflineReason::GuestFin);
-            }
+            fx.offline = self.offline_from_the_start();
         }
         if seg.has(flags::URG) && !matches!(self.mode, Mode::PassThrough(_)) {
             self.mode = Mode::PassThrough(PassReason::Urgent);
@@ -803,10 +830,7 @@ impl Flow {
                 return fx;
             }
             fx.established = Some(self.establish());
-            if self.closing {
-                // The guest sent its FIN during the handshake (rule 13).
-                fx.offline = self.go_offline(OfflineReason::GuestFin);
-            }
+            fx.offline = self.offline_from_the_start();
         }
         if matches!(self.mode, Mode::PassThrough(_)) {
             return fx;

@@ -539,6 +539,50 @@ fn rule_13_a_fin_on_a_guest_syn_in_an_established_flow_takes_it_offline() {
 }
 
 #[test]
+fn rule_6_a_window_the_guest_gave_during_the_handshake_bounds_the_first_early_ack() {
+    // Found by the fuzz target: in a simultaneous open the guest ACKed
+    // with a small window before the remote's SYN arrived, and the flow
+    // was established with the SYN's larger window.
+    let mut h = Harness::new(Conn::default());
+    let ts = h.ts_g();
+    h.tx(Seg {
+        seq: GUEST_ISN,
+        flags: flags::SYN,
+        window: 65_535,
+        ts,
+        extra: vec![TcpOptionElement::WindowScale(GUEST_WS)],
+        ..Seg::default()
+    });
+    let ts = h.ts_g();
+    h.guest_ack(REMOTE_ISN + 1, 1000, ts);
+    let ts = h.ts_r();
+    h.rx(Seg {
+        seq: REMOTE_ISN,
+        flags: flags::SYN,
+        window: 64_240,
+        ts,
+        extra: vec![TcpOptionElement::WindowScale(7)],
+        ..Seg::default()
+    });
+    let ts = h.ts_r();
+    let f = h
+        .rx(Seg {
+            seq: REMOTE_ISN + 1,
+            ack: GUEST_ISN + 1,
+            flags: flags::ACK,
+            window: 502,
+            ts,
+            payload: vec![1; 8000],
+            ..Seg::default()
+        })
+        .expect("early ACK");
+    let a = parse(&f);
+    let edge = REMOTE_ISN + 1 + (1000 << GUEST_WS);
+    assert_eq!(a.ack, edge, "up to the guest's edge, not past it");
+    assert_eq!(a.window, 0);
+}
+
+#[test]
 fn rule_1_an_accecn_responder_keeps_the_flow_out() {
     let mut h = Harness::new(Conn {
         ecn: true,
