@@ -688,6 +688,28 @@ fn ack_offload_and_capture_through_the_cli() -> Result<()> {
     let out = cli_ok(&["ack-offload", "--control", d.ctl(), "on"])?;
     assert!(out.contains("ack offload: on"), "{out}");
     assert_eq!(d.stats()?["ack_offload"], true);
+    // Without on|off: the switch and the (empty) flow table, text and JSON.
+    let out = cli_ok(&["ack-offload", "--control", d.ctl()])?;
+    assert_eq!(out, "ack offload: on, 0 flows tracked\n");
+    let out = cli_ok(&[
+        "ack-offload",
+        "--control",
+        d.ctl(),
+        "--json",
+        "--limit",
+        "5",
+    ])?;
+    let list: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(list["ack_offload"], true, "{out}");
+    assert_eq!(list["flows_tracked"], 0, "{out}");
+    assert_eq!(list["flows"], serde_json::json!([]), "{out}");
+    // A switch and a listing option together: the parser's usage error.
+    let out = cli(&["ack-offload", "--control", d.ctl(), "on", "--json"]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && e.contains("cannot be used with"),
+        "{e}"
+    );
 
     // A relative path is resolved against the client's directory.
     let capdir = TempDir::new("ctlcap");
