@@ -966,15 +966,21 @@ impl AckOffload {
     /// then the most recently seen; at most `limit`.
     pub fn flow_list(&self, now: u64, limit: usize) -> Vec<OffloadFlow> {
         let mut flows: Vec<&Flow> = self.flows.table.iter().map(|(_, f)| f).collect();
-        flows.sort_by_key(|f| {
+        let order = |f: &&Flow| {
             (
                 std::cmp::Reverse(f.owed_bytes()),
                 std::cmp::Reverse(f.last_seen),
             )
-        });
+        };
+        // The engine lock is held: with a large table, pick the first
+        // `limit` in linear time and sort only those.
+        if limit < flows.len() {
+            flows.select_nth_unstable_by_key(limit, order);
+            flows.truncate(limit);
+        }
+        flows.sort_by_key(order);
         flows
             .into_iter()
-            .take(limit)
             .map(|f| {
                 let (guest, guest_port, remote, remote_port) = f.endpoints();
                 OffloadFlow {
