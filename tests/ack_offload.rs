@@ -1047,30 +1047,51 @@ fn shutdown_waits_for_the_guest_to_confirm_early_acked_bytes() {
         },
     );
     let qemu = rig.guest.pid();
-    let (handle, _) = rig.send_under_way(64 * MIB, 4 * MIB, sink_opts());
-    // Stop QEMU until a stop catches early-ACKed bytes in the guest's ring
-    // (a stop while the guest's window is closed catches none: again).
+    // Paced below what the guest reads, so its window stays open and a stop
+    // catches segments in flight: they land in posted RX buffers, are
+    // acknowledged early, and stay owed while the guest cannot run. (Unpaced,
+    // the guest's window is often closed at the stop and the transfer may end
+    // before a stop catches anything.)
+    let (handle, progress) = rig.send_under_way(
+        64 * MIB,
+        2 * MIB,
+        SendOptions {
+            write_chunk: 64 * 1024,
+            write_pause: Some(Duration::from_millis(5)),
+            timeout: XFER_TIMEOUT,
+            ..sink_opts()
+        },
+    );
     let mut owed = 0;
-    for _ in 0..20 {
-        common::signal(qemu, 19); // SIGSTOP
-                                  // The gauge is updated every 20 ms: read it once the stop has taken
-                                  // effect, when the guest can no longer acknowledge anything.
-        thread::sleep(Duration::from_millis(200));
-        let until = Instant::now() + Duration::from_secs(2);
+    let mut attempts = 0;
+    while attempts < 30 && !handle.is_finished() {
+        attempts += 1;
+        // SIGSTOP. The gauge is updated every 20 ms: read it once the stop
+        // has taken effect, when the guest can no longer acknowledge anything.
+        common::signal(qemu, 19);
+        thread::sleep(Duration::from_millis(100));
+        let until = Instant::now() + Duration::from_millis(500);
         while owed == 0 && Instant::now() < until {
             owed = off(&rig.stats(), "owed_bytes").unwrap_or(0);
-            thread::sleep(Duration::from_millis(50));
+            thread::sleep(Duration::from_millis(25));
         }
         if owed > 0 {
             break;
         }
         common::signal(qemu, 18); // SIGCONT
-        thread::sleep(Duration::from_millis(300));
+        thread::sleep(Duration::from_millis(200));
     }
     assert!(
         owed > 0,
-        "[{label}] no stop of the guest caught early-ACKed bytes it owed\n{}",
+        "[{label}] no stop of the guest caught early-ACKed bytes it owed \
+         ({attempts} stops, {} bytes written, transfer finished: {})\n{}",
+        progress.load(Ordering::Relaxed),
+        handle.is_finished(),
         rig.guest.diagnostics()
+    );
+    println!(
+        "[{label}] QEMU stopped at attempt {attempts}, {} bytes written",
+        progress.load(Ordering::Relaxed)
     );
     println!("[{label}] QEMU stopped with {owed} bytes owed");
     common::signal(rig.vsnoop.child.id(), 15);
