@@ -96,6 +96,16 @@
 #   WARMUP        [3]    unrecorded transfers per row before the first size
 #   QUICK=1       smoke run: COUNT=5, 1 bulk run of 3 s, PREFIX ack-offload-quick
 #   BULK_REPS     [3]    iperf3 runs per configuration (none rows); 0 = no bulk
+#   XFER_AB       [0]    also N transfers per size and offload state in pairs on
+#                        the offload-on boot of every contention, the offload
+#                        switched off/on through the control socket before each
+#                        transfer (untimed) in ABBA order: the per-pair on/off
+#                        ratio cancels the boot and the machine's drift (own
+#                        table in PREFIX.md; CSV configs ab-off / ab-on, and
+#                        ab@off-off / ab@off-on on the boot of configuration
+#                        off when XFER_AB_OFF_BOOT=1). With COUNT=0 and
+#                        CONFIGS=on only the pairs are measured
+#   XFER_AB_OFF_BOOT [0] the pairs also on the boot started with --ack-offload off
 #   BULK_AB       [1]    also alternate offload off/on (control socket) on the
 #                        offload-on boot, BULK_REPS pairs
 #   IPERF_TIME    [10]   seconds per iperf3 run
@@ -173,6 +183,8 @@ COUNT_10M=${COUNT_10M:-$((COUNT < 30 ? COUNT : 30))}
 WARMUP=${WARMUP:-3}
 BULK_REPS=${BULK_REPS:-3}
 BULK_AB=${BULK_AB:-1}
+XFER_AB=${XFER_AB:-0}
+XFER_AB_OFF_BOOT=${XFER_AB_OFF_BOOT:-0}
 IPERF_TIME=${IPERF_TIME:-10}
 BUSY_CG=${BUSY_CG:-1}
 BUSY_STOP=${BUSY_STOP:-0}
@@ -332,7 +344,7 @@ fi
 # --- python helpers --------------------------------------------------------------------------
 cat >"$WORK/sender.py" <<'PY'
 """Timed transfers to the guest's tcpsink; appends one CSV line per transfer."""
-import argparse, hashlib, os, random, socket, struct, sys, time
+import argparse, hashlib, os, random, socket, struct, subprocess, sys, time
 
 p = argparse.ArgumentParser()
 p.add_argument("--ip", required=True)
@@ -348,6 +360,10 @@ p.add_argument("--jitter-ms", type=float, default=0, help="random wait (0..J ms)
 p.add_argument("--seed", type=int, default=1)
 p.add_argument("--digest", choices=["sha256", "f64"], default="sha256", help="what tcpsink answers")
 p.add_argument("--cc", default="", help="congestion control of every connection (TCP_CONGESTION)")
+p.add_argument("--ab-control", default="", help="vsnoop control socket: each rep is a pair of transfers, "
+               "offload off and on (ABBA order), switched by VSNOOP ack-offload before each; "
+               "config CONFIG-off / CONFIG-on")
+p.add_argument("--vsnoop", default="vsnoop", help="the vsnoop binary (with --ab-control)")
 a = p.parse_args()
 rng = random.Random(a.seed)
 
@@ -440,8 +456,17 @@ with open(a.csv, "a") as out:
         buf, digest = payload(size)
         # generous: 20 kB/s is far below anything this setup does
         timeout = max(30.0, size / 20e3)
-        rates, errors, last = [], 0, time.monotonic()
-        for rep in range(count):
+        rates, errors, last = {}, 0, time.monotonic()
+        runs = [(rep, a.config) for rep in range(count)]
+        if a.ab_control:
+            # ABBA: off-on, on-off, ... so drift over the series favours neither
+            runs = [(rep, f"{a.config}-{state}") for rep in range(count)
+                    for state in (("off", "on") if rep % 2 == 0 else ("on", "off"))]
+        for rep, config in runs:
+            if a.ab_control:
+                state = config.rsplit("-", 1)[1]
+                subprocess.run([a.vsnoop, "ack-offload", "--control", a.ab_control, state],
+                               check=True, stdout=subprocess.DEVNULL)
             if a.jitter_ms:
                 # untimed: start at a random phase of the throttle's period
                 time.sleep(rng.uniform(0, a.jitter_ms) / 1e3)
@@ -450,26 +475,27 @@ with open(a.csv, "a") as out:
             except OSError as e:
                 secs, st = float("nan"), "error:" + type(e).__name__
             mbps = size / secs / 1e6 if st == "ok" and secs > 0 else float("nan")
-            out.write(f"{a.config},{a.contention},{size},{rep},{secs:.6f},{mbps:.6f},{st}\n")
+            out.write(f"{config},{a.contention},{size},{rep},{secs:.6f},{mbps:.6f},{st}\n")
             if st != "ok":
                 st += f" after {secs:.3f} s"
             out.flush()
             if st == "ok":
-                rates.append(mbps)
+                rates.setdefault(config, []).append(mbps)
             else:
                 errors += 1
                 failures += 1
-                log(f"    transfer {rep} of {size} B: {st}")
-                if failures > 10 and failures > len(rates) // 10:
+                log(f"    transfer {rep} of {size} B ({config}): {st}")
+                if failures > 10 and failures > sum(map(len, rates.values())) // 10:
                     sys.exit(f"too many failed transfers ({failures})")
             if time.monotonic() - last > 15:
                 last = time.monotonic()
                 log(f"    {a.config} {a.contention} {size} B: {rep + 1}/{count}")
-        r = sorted(rates)
-        if count == 0:
-            continue
-        log(f"  {a.config:>7} {a.contention:<9} {size:>9} B x{len(r)}: median {pct(r, .5):8.3f} MB/s"
-            f"  p10 {pct(r, .1):8.3f}  p90 {pct(r, .9):8.3f}" + (f"  ({errors} failed)" if errors else ""))
+        for config, r in rates.items():
+            r.sort()
+            log(f"  {config:>7} {a.contention:<9} {size:>9} B x{len(r)}: median {pct(r, .5):8.3f} MB/s"
+                f"  p10 {pct(r, .1):8.3f}  p90 {pct(r, .9):8.3f}")
+        if errors:
+            log(f"  {errors} transfers failed")
 PY
 
 cat >"$WORK/stopper.py" <<'PY'
@@ -737,7 +763,7 @@ bulk() { # config
     fi
 }
 
-sizes_plan() { # -> size=count,...
+sizes_plan() { # [count for every size] -> size=count,...
     local out=() s bytes count var
     for s in $SIZES; do
         case $s in
@@ -746,7 +772,7 @@ sizes_plan() { # -> size=count,...
         *) bytes=$s ;;
         esac
         var="COUNT_${s}"
-        count=${!var:-$COUNT}
+        count=${1:-${!var:-$COUNT}}
         out+=("$bytes=$count")
     done
     local IFS=,
@@ -781,6 +807,17 @@ run_row() { # config contention
         --config "$config" --contention "$contention" --sizes "$(sizes_plan)" --warmup "$WARMUP" --pause-ms "$CONNECT_PAUSE_MS" \
         --jitter-ms "$START_JITTER_MS" --seed "$row" --digest "$DIGEST" --cc "$SENDER_CC" \
         || log "  WARNING: the sender gave up ($config / $contention); its failures are in the CSV"
+    if [[ $XFER_AB -gt 0 && ($config == on || ($config == off && $XFER_AB_OFF_BOOT == 1)) ]]; then
+        log "  pairs, offload off/on alternating: $(sizes_plan "$XFER_AB")"
+        local label=ab
+        [[ $config == off ]] && label=ab@off
+        host "$PYTHON" "$WORK/sender.py" --ip "$GUEST_IP" --port "$SINK_PORT" --csv "$CSV" \
+            --config "$label" --contention "$contention" --sizes "$(sizes_plan "$XFER_AB")" --warmup 0 --pause-ms "$CONNECT_PAUSE_MS" \
+            --jitter-ms "$START_JITTER_MS" --seed "$((row + 1000))" --digest "$DIGEST" --cc "$SENDER_CC" \
+            --ab-control "$WORK/control.sock" --vsnoop "$VSNOOP" \
+            || log "  WARNING: the sender gave up (pairs, $contention); its failures are in the CSV"
+        set_offload "$config"
+    fi
     local t1 c1
     t1=$(date +%s.%N) c1=$(qemu_cpu_ticks)
     log "  QEMU used $(awk -v c=$((c1 - c0)) -v hz="$(getconf CLK_TCK)" -v t0="$t0" -v t1="$t1" \
@@ -897,15 +934,53 @@ print("Throughput of successive host->guest transfers (new connection each, time
       "guest application's reply that it has every byte), MB/s (10^6 B/s): median (p10–p90). "
       f"Settings: {settings}.")
 print()
-print("| contention | size | n | " + " | ".join(names[c] for c in configs) + " | on / off (medians) |")
-print("|---|---|---:|" + "---:|" * len(configs) + "---:|")
+rnd = random.Random(1)
+def boot_median(r):
+    """The median of r and the 95% bootstrap range of that median."""
+    boot = sorted(statistics.median(rnd.choices(r, k=len(r))) for _ in range(2000))
+    return statistics.median(r), boot[50], boot[1949]
+if configs:
+    print("| contention | size | n | " + " | ".join(names[c] for c in configs) + " | on / off (medians) |")
+    print("|---|---|---:|" + "---:|" * len(configs) + "---:|")
 for c in order_c:
     for s in order_s:
+        if not configs:
+            break
         n = max((len(data[(c, s, k)]) for k in configs), default=0)
+        if n == 0 and not any(fails[(c, s, k)] for k in configs):
+            continue
         cells = [cell(data[(c, s, k)], fails[(c, s, k)]) for k in configs]
         on, off = data.get((c, s, "on")), data.get((c, s, "off"))
         ratio = f"{pct(on, .5) / pct(off, .5):.2f}x" if on and off else "-"
         print(f"| {cname(c)} | {size_name(s)} | {n} | " + " | ".join(cells) + f" | {ratio} |")
+# XFER_AB: pairs of transfers on the offload-on boot, offload off and on
+# alternating (ABBA); the ratio within a pair cancels the boot and the drift.
+ab = collections.defaultdict(lambda: collections.defaultdict(dict))
+for r in rows:
+    if r["config"].startswith("ab") and r["status"] == "ok":
+        label, state = r["config"].rsplit("-", 1)
+        boot = "off" if label.endswith("@off") else "on"
+        ab[(r["contention"], int(r["size_bytes"]), boot)][r["rep"]][state] = float(r["mb_per_s"])
+if ab:
+    print()
+    print("Pairs on one boot (`XFER_AB`): before each transfer the offload is switched off or on through "
+          "the control socket, in ABBA order; the boot column says how vsnoop was started (`--ack-offload`). "
+          "MB/s: median (p10–p90); the paired ratio is the median of the per-pair on/off ratios with its "
+          "95% bootstrap range.")
+    print()
+    print("| contention | size | boot | pairs | offload off | offload on | on / off (medians) "
+          "| paired on / off (95% range) |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for c, s, boot in ((c, s, b) for c in order_c for s in order_s for b in ("off", "on")):
+        pairs = [p for p in ab.get((c, s, boot), {}).values() if "on" in p and "off" in p]
+        if not pairs:
+            continue
+        off = sorted(p["off"] for p in pairs)
+        on = sorted(p["on"] for p in pairs)
+        paired = ("-" if len(pairs) < 3 else
+                  "{:.2f}x ({:.2f}–{:.2f})".format(*boot_median([p["on"] / p["off"] for p in pairs])))
+        print(f"| {cname(c)} | {size_name(s)} | {boot} | {len(pairs)} | {cell(off, 0)} | {cell(on, 0)} "
+              f"| {pct(on, .5) / pct(off, .5):.2f}x | {paired} |")
 bulk = list(csv.DictReader(open(bulk_path)))
 if bulk:
     print()
@@ -941,14 +1016,12 @@ if bulk:
             pairs[b["rep"]][b["config"]] = b
     pairs = [p for p in pairs.values() if "on" in p and "off" in p]
     if len(pairs) >= 3:
-        rnd = random.Random(1)
         def paired(field):
             r = [float(p["on"][field]) / float(p["off"][field]) for p in pairs
                  if p["on"].get(field) and p["off"].get(field) and float(p["off"][field]) > 0]
             if len(r) < 3:
                 return None
-            boot = sorted(statistics.median(rnd.choices(r, k=len(r))) for _ in range(2000))
-            return statistics.median(r), boot[50], boot[1949], len(r)
+            return (*boot_median(r), len(r))
         t = paired("mbit_per_s")
         c = paired("vsnoop_cpu_us_per_mb")
         if t:
