@@ -27,8 +27,16 @@ const CONFIGS: [(&str, &str, RGBColor); 5] = [
     ("vanilla", "QEMU tap (vanilla)", RGBColor(127, 127, 127)),
     ("off", "vsnoop, offload off", RGBColor(31, 119, 180)),
     ("on", "vsnoop, offload on", RGBColor(214, 39, 40)),
-    ("ab-off", "offload off (pairs, one boot)", RGBColor(23, 190, 207)),
-    ("ab-on", "offload on (pairs, one boot)", RGBColor(255, 127, 14)),
+    (
+        "ab-off",
+        "offload off (pairs, one boot)",
+        RGBColor(23, 190, 207),
+    ),
+    (
+        "ab-on",
+        "offload on (pairs, one boot)",
+        RGBColor(255, 127, 14),
+    ),
 ];
 const PANEL: (u32, u32) = (640, 430);
 
