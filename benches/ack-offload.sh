@@ -737,6 +737,12 @@ print("%.1f,%s" % (d["bits_per_second"] / 1e6, cpu))' \
         "$WORK/iperf.json" "$((t1 - t0))" "$(getconf CLK_TCK)" "$([[ -n ${VSNOOP_PID:-} ]] && echo 1 || echo 0)"
 }
 
+# sender.py in the namespace toward the guest's tcpsink, with this run's digest and
+# congestion control; the rest of its arguments from the caller.
+sender() {
+    host "$PYTHON" "$WORK/sender.py" --ip "$GUEST_IP" --port "$SINK_PORT" --digest "$DIGEST" --cc "$SENDER_CC" "$@"
+}
+
 set_offload() { "$VSNOOP" ack-offload --control "$WORK/control.sock" "$1" >/dev/null; }
 
 bulk() { # config
@@ -796,24 +802,21 @@ run_row() { # config contention
     start_row "$config" "$contention"
     log "  guest up; waiting for tcpsink on port $SINK_PORT"
     # The sink check and the warm-up run unthrottled, so a slow boot does not count.
-    host "$PYTHON" "$WORK/sender.py" --ip "$GUEST_IP" --port "$SINK_PORT" --csv /dev/null \
-        --config "$config" --contention "$contention" --sizes 1=0 --warmup 0 --digest "$DIGEST" --cc "$SENDER_CC" \
+    sender --csv /dev/null --config "$config" --contention "$contention" --sizes 1=0 --warmup 0 \
         || die "tcpsink in the guest does not answer"
     apply_contention "$contention"
     local t0 c0
     t0=$(date +%s.%N) c0=$(qemu_cpu_ticks)
     log "  transfers: $(sizes_plan)"
-    host "$PYTHON" "$WORK/sender.py" --ip "$GUEST_IP" --port "$SINK_PORT" --csv "$CSV" \
-        --config "$config" --contention "$contention" --sizes "$(sizes_plan)" --warmup "$WARMUP" --pause-ms "$CONNECT_PAUSE_MS" \
-        --jitter-ms "$START_JITTER_MS" --seed "$row" --digest "$DIGEST" --cc "$SENDER_CC" \
+    sender --csv "$CSV" --config "$config" --contention "$contention" --sizes "$(sizes_plan)" \
+        --warmup "$WARMUP" --pause-ms "$CONNECT_PAUSE_MS" --jitter-ms "$START_JITTER_MS" --seed "$row" \
         || log "  WARNING: the sender gave up ($config / $contention); its failures are in the CSV"
     if [[ $XFER_AB -gt 0 && ($config == on || ($config == off && $XFER_AB_OFF_BOOT == 1)) ]]; then
         log "  pairs, offload off/on alternating: $(sizes_plan "$XFER_AB")"
         local label=ab
         [[ $config == off ]] && label=ab@off
-        host "$PYTHON" "$WORK/sender.py" --ip "$GUEST_IP" --port "$SINK_PORT" --csv "$CSV" \
-            --config "$label" --contention "$contention" --sizes "$(sizes_plan "$XFER_AB")" --warmup 0 --pause-ms "$CONNECT_PAUSE_MS" \
-            --jitter-ms "$START_JITTER_MS" --seed "$((row + 1000))" --digest "$DIGEST" --cc "$SENDER_CC" \
+        sender --csv "$CSV" --config "$label" --contention "$contention" --sizes "$(sizes_plan "$XFER_AB")" \
+            --warmup 0 --pause-ms "$CONNECT_PAUSE_MS" --jitter-ms "$START_JITTER_MS" --seed "$((row + 1000))" \
             --ab-control "$WORK/control.sock" --vsnoop "$VSNOOP" \
             || log "  WARNING: the sender gave up (pairs, $contention); its failures are in the CSV"
         set_offload "$config"

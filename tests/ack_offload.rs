@@ -989,17 +989,7 @@ fn full_flow_table_passes_new_flows_through() {
 fn driver_rebind_mid_transfer() {
     let label = "rebind";
     let (mut rig, mut checks) = Rig::start_checked(label, RigOptions::default());
-    let (handle, progress) = rig.send_under_way(
-        24 * MIB,
-        2 * MIB,
-        SendOptions {
-            // Paced, so the reset lands mid-flow.
-            write_chunk: 64 * 1024,
-            write_pause: Some(Duration::from_millis(10)),
-            timeout: XFER_TIMEOUT,
-            ..sink_opts()
-        },
-    );
+    let (handle, progress) = rig.send_under_way(24 * MIB, 2 * MIB, paced(10));
     let before = rig.stats();
     print_offload(label, "before the rebind", &before);
     let out = rig.guest.run_ok(
@@ -1052,16 +1042,7 @@ fn shutdown_waits_for_the_guest_to_confirm_early_acked_bytes() {
     // acknowledged early, and stay owed while the guest cannot run. (Unpaced,
     // the guest's window is often closed at the stop and the transfer may end
     // before a stop catches anything.)
-    let (handle, progress) = rig.send_under_way(
-        64 * MIB,
-        2 * MIB,
-        SendOptions {
-            write_chunk: 64 * 1024,
-            write_pause: Some(Duration::from_millis(5)),
-            timeout: XFER_TIMEOUT,
-            ..sink_opts()
-        },
-    );
+    let (handle, progress) = rig.send_under_way(64 * MIB, 2 * MIB, paced(5));
     let mut owed = 0;
     let mut attempts = 0;
     while attempts < 30 && !handle.is_finished() {
@@ -1758,12 +1739,8 @@ fn backend_restart_mid_flow() {
         SINK_PORT,
         total,
         &SendOptions {
-            // Paced (64 KiB every 10 ms at most), so the restart lands mid-flow.
-            write_chunk: 64 * 1024,
-            write_pause: Some(Duration::from_millis(10)),
             progress: Some(Arc::clone(&progress)),
-            timeout: XFER_TIMEOUT,
-            ..sink_opts()
+            ..paced(10)
         },
     );
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -2153,10 +2130,8 @@ fn migration_completes_mid_transfer() {
         total,
         4 * MIB,
         SendOptions {
-            write_chunk: 64 * 1024,
-            write_pause: Some(Duration::from_millis(4)),
             timeout: Duration::from_secs(90),
-            ..sink_opts()
+            ..paced(4)
         },
     );
     // One pass, then stop and copy the rest: with QEMU 7.2 under TCG a
@@ -2380,6 +2355,16 @@ fn sink_opts() -> SendOptions {
     }
 }
 
+/// [`sink_opts`] paced: 64 KiB writes with `pause_ms` between them, so an
+/// event the test causes lands mid-flow.
+fn paced(pause_ms: u64) -> SendOptions {
+    SendOptions {
+        write_chunk: 64 * 1024,
+        write_pause: Some(Duration::from_millis(pause_ms)),
+        ..sink_opts()
+    }
+}
+
 /// Not a vsnoop test: the reproduction of the QEMU 7.2 TCG problem that
 /// makes [`migration_completes_mid_transfer`] complete in one pass. The
 /// same guest, transfer and migration with QEMU's own tap backend on both
@@ -2430,11 +2415,9 @@ fn qemu_tcg_iterative_migration_keeps_every_page() {
         SINK_PORT,
         160 * MIB,
         &SendOptions {
-            write_chunk: 64 * 1024,
-            write_pause: Some(Duration::from_millis(4)),
             timeout: Duration::from_secs(90),
             progress: Some(Arc::clone(&progress)),
-            ..sink_opts()
+            ..paced(4)
         },
     );
     let deadline = Instant::now() + Duration::from_secs(60);
