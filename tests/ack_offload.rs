@@ -339,6 +339,47 @@ impl Rig {
         (handle, progress)
     }
 
+    /// Stops QEMU (SIGSTOP) at a moment when the guest owes early-ACKed
+    /// bytes, while the transfer `handle` runs: stops, and if the stop caught
+    /// nothing in flight (the guest's window was closed, or its ACKs had just
+    /// caught up), continues it and tries again, up to 30 times. Returns the
+    /// owed bytes and the number of stops; QEMU stays stopped. Panics with
+    /// the transfer's progress when no stop caught anything.
+    fn stop_guest_owing(
+        &mut self,
+        handle: &thread::JoinHandle<Result<SinkResult, String>>,
+        progress: &AtomicU64,
+    ) -> (u64, u32) {
+        let qemu = self.guest.pid();
+        let mut owed = 0;
+        let mut attempts = 0;
+        while attempts < 30 && !handle.is_finished() {
+            attempts += 1;
+            // SIGSTOP. The gauge is updated every 20 ms: read it once the
+            // stop has taken effect, when the guest can no longer acknowledge.
+            common::signal(qemu, 19);
+            thread::sleep(Duration::from_millis(100));
+            let until = Instant::now() + Duration::from_millis(500);
+            while owed == 0 && Instant::now() < until {
+                owed = off(&self.stats(), "owed_bytes").unwrap_or(0);
+                thread::sleep(Duration::from_millis(25));
+            }
+            if owed > 0 {
+                return (owed, attempts);
+            }
+            common::signal(qemu, 18); // SIGCONT
+            thread::sleep(Duration::from_millis(200));
+        }
+        panic!(
+            "[{}] no stop of the guest caught early-ACKed bytes it owed \
+             ({attempts} stops, {} bytes written, transfer finished: {})\n{}",
+            self.label,
+            progress.load(Ordering::Relaxed),
+            handle.is_finished(),
+            self.guest.diagnostics()
+        );
+    }
+
     /// A complete transfer that must arrive intact; panics with diagnostics.
     fn send_ok(&mut self, what: &str, len: usize, opts: &SendOptions) -> SinkResult {
         let result = self.send(len, opts);
@@ -1043,33 +1084,7 @@ fn shutdown_waits_for_the_guest_to_confirm_early_acked_bytes() {
     // the guest's window is often closed at the stop and the transfer may end
     // before a stop catches anything.)
     let (handle, progress) = rig.send_under_way(64 * MIB, 2 * MIB, paced(5));
-    let mut owed = 0;
-    let mut attempts = 0;
-    while attempts < 30 && !handle.is_finished() {
-        attempts += 1;
-        // SIGSTOP. The gauge is updated every 20 ms: read it once the stop
-        // has taken effect, when the guest can no longer acknowledge anything.
-        common::signal(qemu, 19);
-        thread::sleep(Duration::from_millis(100));
-        let until = Instant::now() + Duration::from_millis(500);
-        while owed == 0 && Instant::now() < until {
-            owed = off(&rig.stats(), "owed_bytes").unwrap_or(0);
-            thread::sleep(Duration::from_millis(25));
-        }
-        if owed > 0 {
-            break;
-        }
-        common::signal(qemu, 18); // SIGCONT
-        thread::sleep(Duration::from_millis(200));
-    }
-    assert!(
-        owed > 0,
-        "[{label}] no stop of the guest caught early-ACKed bytes it owed \
-         ({attempts} stops, {} bytes written, transfer finished: {})\n{}",
-        progress.load(Ordering::Relaxed),
-        handle.is_finished(),
-        rig.guest.diagnostics()
-    );
+    let (owed, attempts) = rig.stop_guest_owing(&handle, &progress);
     println!(
         "[{label}] QEMU stopped at attempt {attempts}, {} bytes written",
         progress.load(Ordering::Relaxed)
@@ -1383,8 +1398,11 @@ fn descheduled_guest() {
     let (mut rig, mut checks) = Rig::start_checked(label, RigOptions::default());
     let s0 = rig.stats();
     let qemu = rig.guest.pid();
-    let (handle, _) = rig.send_under_way(16 * MIB, 2 * MIB, sink_opts());
-    common::signal(qemu, 19); // SIGSTOP
+    // Paced, so the guest's window is open when it stops (see
+    // `stop_guest_owing`): only bytes already acknowledged early can time out.
+    let (handle, progress) = rig.send_under_way(16 * MIB, 2 * MIB, paced(5));
+    let (owed, attempts) = rig.stop_guest_owing(&handle, &progress);
+    println!("[{label}] QEMU stopped for 3 s at attempt {attempts} with {owed} bytes owed");
     thread::sleep(Duration::from_secs(3));
     common::signal(qemu, 18); // SIGCONT
     let cycle_end = Instant::now() + Duration::from_secs(4);
