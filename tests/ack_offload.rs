@@ -1306,8 +1306,8 @@ fn ecn_ce_marks_are_echoed() {
 /// whole receive buffer of memory, so it overruns its SO_RCVBUF and drops
 /// in-window data (TcpExt TCPRcvQDrop / RcvPruned / OfoPruned; without the
 /// offload the sender retransmits it). The transfer must complete
-/// hash-equal; the re-delivered bytes and the sender's retransmissions are
-/// printed.
+/// hash-equal, the drops must be re-delivered (counted), and the sender
+/// must not retransmit anything it was acknowledged early for.
 #[test]
 fn guest_drops_early_acked_data() {
     let label = "drops";
@@ -1329,51 +1329,75 @@ fn guest_drops_early_acked_data() {
         sink_ps.contains("-r 2048 -c 1"),
         "[{label}] vsnoop.sinkargs did not reach tcpsink: {sink_ps}"
     );
-    let g0 = rig.guest_tcpext();
-    let nst0 = rig.host_nstat();
-    let s0 = rig.stats();
     let opts = SendOptions {
         write_chunk: 64,
         nodelay: true,
         ..sink_opts()
     };
-    rig.send_ok("256 KiB in 64-byte writes", 256 * 1024, &opts);
-    let s1 = rig.stats();
-    let nst1 = rig.host_nstat();
-    let g1 = rig.guest_tcpext();
-    print_offload(label, "after", &s1);
-    let guest_drops: Vec<String> = [
-        "PruneCalled",
-        "RcvPruned",
-        "OfoPruned",
-        "TCPRcvQDrop",
-        "TCPZeroWindowDrop",
-        "TCPBacklogDrop",
-        "TCPRcvCollapsed",
-    ]
-    .iter()
-    .map(|k| format!("{k}+{}", delta(&g1, &g0, k)))
-    .collect();
-    println!("[{label}] guest TcpExt: {}", guest_drops.join(" "));
-    let dropped: u64 = ["TCPRcvQDrop", "RcvPruned", "OfoPruned"]
+    // The guest drops in 10 of 10 runs here (2-14 segments), fewer on a busy
+    // machine: up to three transfers, until one made it drop.
+    let mut round = 0;
+    let (s0, s1, nst0, nst1, dropped) = loop {
+        round += 1;
+        let g0 = rig.guest_tcpext();
+        let nst0 = rig.host_nstat();
+        let s0 = rig.stats();
+        rig.send_ok("256 KiB in 64-byte writes", 256 * 1024, &opts);
+        let s1 = rig.stats();
+        let nst1 = rig.host_nstat();
+        let g1 = rig.guest_tcpext();
+        print_offload(label, "after", &s1);
+        let guest_drops: Vec<String> = [
+            "PruneCalled",
+            "RcvPruned",
+            "OfoPruned",
+            "TCPRcvQDrop",
+            "TCPZeroWindowDrop",
+            "TCPBacklogDrop",
+            "TCPRcvCollapsed",
+        ]
         .iter()
-        .map(|k| delta(&g1, &g0, k))
-        .sum();
-    if dropped == 0 {
-        println!("[{label}] note: the guest dropped nothing this time (nothing to re-deliver)");
-    }
-    println!(
-        "[{label}] sender TcpRetransSegs +{}",
-        delta(&nst1, &nst0, "TcpRetransSegs")
+        .map(|k| format!("{k}+{}", delta(&g1, &g0, k)))
+        .collect();
+        println!(
+            "[{label}] transfer {round}: guest TcpExt: {}",
+            guest_drops.join(" ")
+        );
+        // Overlapping counters (one drop may count in two): only "any" matters.
+        let dropped: u64 = ["TCPRcvQDrop", "RcvPruned", "OfoPruned"]
+            .iter()
+            .map(|k| delta(&g1, &g0, k))
+            .sum();
+        if dropped > 0 || round == 3 {
+            break (s0, s1, nst0, nst1, dropped);
+        }
+    };
+    assert!(
+        dropped > 0,
+        "[{label}] the guest dropped nothing in {round} transfers: the test did not test anything"
     );
-    let redelivered = checks.get(&s1, "redelivered_bytes");
-    let redeliveries = checks.get(&s1, "redeliveries");
+    let retrans = delta(&nst1, &nst0, "TcpRetransSegs");
+    let mut more = |k: &str| checks.get(&s1, k).saturating_sub(off(&s0, k).unwrap_or(0));
+    let redelivered = more("redelivered_bytes");
+    let redeliveries = more("redeliveries");
+    let early = more("early_acked_bytes");
     println!(
-        "[{label}] redelivered_bytes {} (+{}), redeliveries {} (+{})",
-        redelivered,
-        redelivered.saturating_sub(off(&s0, "redelivered_bytes").unwrap_or(0)),
-        redeliveries,
-        redeliveries.saturating_sub(off(&s0, "redeliveries").unwrap_or(0)),
+        "[{label}] guest drop counters +{dropped}; redelivered_bytes +{redelivered}, redeliveries \
+         +{redeliveries}, early_acked_bytes +{early}; sender TcpRetransSegs +{retrans}"
+    );
+    checks.check(
+        redeliveries > 0 && redelivered > 0,
+        format!("the guest's drop counters grew by {dropped} and nothing was re-delivered"),
+    );
+    // Every byte was acknowledged early (the guest's window stays open
+    // enough for the sender's writes), so custody alone must repair the
+    // drops: a sender retransmission means a dropped byte was not re-delivered.
+    checks.check(
+        retrans == 0 || early < 256 * 1024,
+        format!(
+            "the sender retransmitted {retrans} segments though {early} bytes were \
+             acknowledged early: custody did not repair the drops"
+        ),
     );
     let resets = checks.get(&s1, "resets");
     checks.check(
