@@ -22,8 +22,8 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::path::PathBuf;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -663,6 +663,99 @@ impl EngineChecks {
             self.failures.len(),
             self.failures.join("\n  - ")
         );
+    }
+}
+
+/// Rule 6 checked in a vsnoop capture: every frame of the guest's side of
+/// the flow on guest port `port` that went to the tap (interface 0) has
+/// `ack + (window << scale)` at or below the largest edge the guest itself
+/// advertised (interface 1) up to that moment.
+#[derive(Debug, Default)]
+struct EdgeCheck {
+    /// The guest's window scale (from its SYN-ACK).
+    scale: u32,
+    /// Frames the guest wrote (interface 1).
+    guest_acks: usize,
+    /// Frames to the tap checked (interface 0).
+    checked: usize,
+    /// Of those, frames the guest never wrote (early ACKs).
+    early: usize,
+    /// Of those, frames with a zero window.
+    zero_windows: usize,
+    /// (time, ack, window, guest edge) of every frame past the guest's edge.
+    past_edge: Vec<(String, u32, u32, u32)>,
+}
+
+impl EdgeCheck {
+    fn of_capture(file: &Path, port: u16) -> EdgeCheck {
+        let fields = [
+            "frame.time_epoch",
+            "frame.interface_id",
+            "frame.packet_id",
+            "tcp.flags.syn",
+            "tcp.ack_raw",
+            "tcp.window_size_value",
+            "tcp.options.wscale.shift",
+        ];
+        let mut cmd = Command::new("tshark");
+        cmd.args(["-n", "-r"]).arg(file);
+        cmd.args(["-Y", &format!("tcp.srcport == {port}"), "-T", "fields"]);
+        for f in fields {
+            cmd.args(["-e", f]);
+        }
+        let out = cmd.output().expect("run tshark");
+        assert!(
+            out.status.success(),
+            "tshark -r {} failed: {}",
+            file.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut rows: Vec<Vec<String>> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.split('\t').map(str::to_owned).collect())
+            .filter(|r: &Vec<String>| r.len() >= 6)
+            .collect();
+        // The writer's order is not time order: sort by the timestamp.
+        let time = |r: &Vec<String>| r[0].parse::<f64>().unwrap_or(0.0);
+        rows.sort_by(|a, b| time(a).total_cmp(&time(b)));
+        let num = |v: &str| v.parse::<u64>().ok();
+        let guest_ids: HashSet<&str> = rows
+            .iter()
+            .filter(|r| r[1] == "1")
+            .map(|r| r[2].as_str())
+            .collect();
+        let mut c = EdgeCheck::default();
+        let mut edge: Option<u32> = None;
+        for r in &rows {
+            let (Some(ack), Some(win)) = (num(&r[4]), num(&r[5])) else {
+                continue;
+            };
+            let syn = r[3] == "1";
+            // A SYN-ACK's window is never scaled; its scale applies after it.
+            let scale = if syn { 0 } else { c.scale };
+            let this = (ack as u32).wrapping_add((win as u32) << scale);
+            if syn {
+                c.scale = r.get(6).and_then(|v| num(v)).unwrap_or(0) as u32;
+            }
+            if r[1] == "1" {
+                c.guest_acks += 1;
+                edge = Some(match edge {
+                    Some(e) if (this.wrapping_sub(e) as i32) <= 0 => e,
+                    _ => this,
+                });
+                continue;
+            }
+            c.checked += 1;
+            c.early += usize::from(!guest_ids.contains(r[2].as_str()));
+            c.zero_windows += usize::from(win == 0);
+            match edge {
+                Some(e) if (this.wrapping_sub(e) as i32) <= 0 => {}
+                _ => c
+                    .past_edge
+                    .push((r[0].clone(), ack as u32, win as u32, edge.unwrap_or(0))),
+            }
+        }
+        c
     }
 }
 
@@ -1499,8 +1592,11 @@ fn descheduled_guest() {
 }
 
 /// The guest application stops reading for 3 s after 256 KiB: the guest
-/// advertises a zero window; the transfer completes hash-equal and the flow
-/// went offline with reason zero_window.
+/// advertises a zero window; the transfer completes hash-equal, the flow
+/// went offline with reason zero_window, and vsnoop's own capture shows no
+/// ACK toward the sender advertising past the guest's edge (rule 6: the
+/// host interface holds what went to the tap, the guest interface what the
+/// guest wrote).
 #[test]
 fn zero_window() {
     let label = "zero-window";
@@ -1512,7 +1608,12 @@ fn zero_window() {
         },
     );
     let g0 = rig.guest_tcpext();
+    let cap = rig.dir.join("zero-window.pcapng");
+    let cap_arg = cap.to_str().expect("UTF-8 path");
+    rig.run_client("capture", &["start", cap_arg, "--snaplen", "128"]);
     rig.send_ok("4 MiB with a 3 s pause", 4 * MIB, &sink_opts());
+    // "capture stopped: FILE (snaplen 128, N frames, M dropped, ...)"
+    let stopped = String::from_utf8_lossy(&rig.run_client("capture", &["stop"])).into_owned();
     let g1 = rig.guest_tcpext();
     let zw = delta(&g1, &g0, "TCPToZeroWindowAdv");
     println!(
@@ -1533,6 +1634,31 @@ fn zero_window() {
     );
     let retracted = checks.reason(&s, "offline", "window_retracted");
     println!("[{label}] offline.window_retracted {retracted}");
+    // Rule 6 on the wire: no ACK toward the sender (early, rewritten or
+    // passed) advertises a right edge beyond the largest the guest wrote.
+    let dropped = stopped.contains(" 0 dropped,");
+    checks.check(
+        dropped,
+        format!("the capture lost frames ({stopped}): the edge check needs every guest ACK"),
+    );
+    let edges = EdgeCheck::of_capture(&cap, SINK_PORT);
+    println!(
+        "[{label}] capture: {} ACKs to the sender checked against {} guest ACKs \
+         (window scale {}), {} of them early ACKs, {} with a zero window",
+        edges.checked, edges.guest_acks, edges.scale, edges.early, edges.zero_windows
+    );
+    checks.check(
+        edges.early > 0 && edges.guest_acks > 0,
+        format!("the capture holds no early ACK or no guest ACK: {edges:?}"),
+    );
+    checks.check(
+        edges.past_edge.is_empty(),
+        format!(
+            "{} ACKs to the sender advertised past the guest's edge, first: {:?}",
+            edges.past_edge.len(),
+            edges.past_edge.first()
+        ),
+    );
     // The transfer also works after the pause, offloaded again.
     let early0 = off(&s, "early_acks").unwrap_or(0);
     rig.guest.restart_sink("");
