@@ -109,6 +109,13 @@
 #   BULK_AB       [1]    also alternate offload off/on (control socket) on the
 #                        offload-on boot, BULK_REPS pairs
 #   IPERF_TIME    [10]   seconds per iperf3 run
+#   BULK_PERF     [0]    1: perf record -g on vsnoop during every bulk run, and
+#                        split its CPU per MB into the host network stack's
+#                        share (samples under tcp_v4_rcv / tcp_v6_rcv or softirq
+#                        handling: the kernel runs the local sender's ACK
+#                        processing, and the segments that ACK releases,
+#                        inside vsnoop's tap write; column host_stack_us_per_mb)
+#                        and the parts of PERF_SPLIT (column perf_us_per_mb)
 #   BUSY_CG       [1]    guest busy loop (vsnoop.busy=1) in cg rows
 #   BUSY_STOP     [0]    guest busy loop in stop rows
 #   PIN_QEMU      [""]   CPU list for QEMU (taskset -a), e.g. 1
@@ -186,6 +193,7 @@ BULK_AB=${BULK_AB:-1}
 XFER_AB=${XFER_AB:-0}
 XFER_AB_OFF_BOOT=${XFER_AB_OFF_BOOT:-0}
 IPERF_TIME=${IPERF_TIME:-10}
+BULK_PERF=${BULK_PERF:-0}
 BUSY_CG=${BUSY_CG:-1}
 BUSY_STOP=${BUSY_STOP:-0}
 PIN_QEMU=${PIN_QEMU:-}
@@ -269,6 +277,9 @@ trap 'exit 130' INT TERM
 for tool in qemu-system-x86_64 iperf3 ip python3 busybox taskset flock; do
     command -v "$tool" >/dev/null || die "required tool $tool is missing"
 done
+if [[ $BULK_PERF == 1 ]]; then
+    command -v perf >/dev/null || die "BULK_PERF=1 needs perf (apt-get install linux-perf)"
+fi
 for c in $CONFIGS; do
     case $c in vanilla | off | on) ;; *) die "unknown configuration '$c' (vanilla, off, on)" ;; esac
 done
@@ -722,19 +733,76 @@ vsnoop_cpu_ticks() {
     [[ -n ${VSNOOP_PID:-} ]] && awk '{ print $14 + $15 }' "/proc/$VSNOOP_PID/stat" 2>/dev/null || echo 0
 }
 
-iperf_once() { # label -> prints "Mbit/s,vsnoop CPU us per MB received" (CPU empty without vsnoop)
-    local t0 t1
+# Where vsnoop's CPU went during a bulk run (BULK_PERF=1): perf script
+# output on stdin, prints "category=share;..." (shares of the samples). A
+# sample belongs to the first category whose kernel frame is in its stack,
+# else by its leaf: libc memcpy/memmove (the custody copy, header copies),
+# other user code, other kernel code. Only kernel stacks are whole (vsnoop
+# and libc have no frame pointers), so user samples go by their leaf.
+PERF_SPLIT='
+import re, sys
+cats = [("host_stack", r"\b(tcp_v[46]_rcv|handle_softirqs)\b"), ("tap_write", r"\btun_(chr_write_iter|get_user)\b"),
+        ("tap_read", r"\btun_(chr_read_iter|do_read)\b"), ("notify", r"\beventfd_(write|signal)\b"),
+        ("other_syscalls", r"\b(do_syscall_64|entry_SYSCALL_64)")]
+count = {c: 0 for c, _ in cats}
+count.update(user_memcpy=0, user_other=0, kernel_other=0)
+samples, stack = 0, []
+for line in sys.stdin.read().split("\n") + [""]:
+    if line.strip():
+        stack.append(line)
+        continue
+    if not stack:
+        continue
+    samples += 1
+    text = "\n".join(stack)
+    cat = next((c for c, pat in cats if re.search(pat, text)), None)
+    if cat is None:
+        leaf = stack[0]
+        if "kernel.kallsyms" in leaf:
+            cat = "kernel_other"
+        elif re.search(r"mem(cpy|move)", leaf):
+            cat = "user_memcpy"
+        else:
+            cat = "user_other"
+    count[cat] += 1
+    stack = []
+if samples:
+    print(";".join("%s=%.4f" % (c, n / samples) for c, n in count.items()))
+'
+
+# Prints "Mbit/s,vsnoop CPU us per MB received,of which the host network stack's,
+# the split" (CPU empty without vsnoop; the last two columns empty unless
+# BULK_PERF=1; the split is "category=us per MB;...", see PERF_SPLIT).
+iperf_once() { # label
+    local t0 t1 perf_pid="" perf_data="$WORK/perf.data" split=""
+    if [[ $BULK_PERF == 1 && -n ${VSNOOP_PID:-} ]]; then
+        rm -f "$perf_data"
+        perf record -q -F 999 -g -p "$VSNOOP_PID" -o "$perf_data" 2>>"$WORK/perf.log" &
+        perf_pid=$!
+        sleep 0.5
+    fi
     t0=$(vsnoop_cpu_ticks)
     host iperf3 -c "$GUEST_IP" -C "$SENDER_CC" -t "$IPERF_TIME" -J >"$WORK/iperf.json" 2>&1 \
         || die "iperf3 ($1) failed: $(tail -5 "$WORK/iperf.json")"
     t1=$(vsnoop_cpu_ticks)
+    if [[ -n $perf_pid ]]; then
+        kill -INT "$perf_pid"
+        local prc=0
+        wait "$perf_pid" || prc=$?
+        # 130: perf record ends on SIGINT by exiting with 128 + 2.
+        [[ $prc == 0 || $prc == 130 ]] || die "perf record failed ($prc): $(tail -3 "$WORK/perf.log")"
+        split=$(perf script -i "$perf_data" -F ip,sym,dso 2>>"$WORK/perf.log" | "$PYTHON" -c "$PERF_SPLIT")
+    fi
     "$PYTHON" -c '
 import json, sys
 d = json.load(open(sys.argv[1]))["end"]["sum_received"]
 ticks, hz = int(sys.argv[2]), int(sys.argv[3])
-cpu = "%.1f" % (ticks / hz * 1e6 / (d["bytes"] / 1e6)) if sys.argv[4] == "1" else ""
-print("%.1f,%s" % (d["bits_per_second"] / 1e6, cpu))' \
-        "$WORK/iperf.json" "$((t1 - t0))" "$(getconf CLK_TCK)" "$([[ -n ${VSNOOP_PID:-} ]] && echo 1 || echo 0)"
+cpu = ticks / hz * 1e6 / (d["bytes"] / 1e6)
+split = dict((k, float(v) * cpu) for k, v in (kv.split("=") for kv in sys.argv[5].split(";") if kv))
+print("%.1f,%s,%s,%s" % (d["bits_per_second"] / 1e6, "%.1f" % cpu if sys.argv[4] == "1" else "",
+      "%.1f" % split["host_stack"] if split and sys.argv[4] == "1" else "",
+      ";".join("%s=%.1f" % kv for kv in split.items()) if sys.argv[4] == "1" else ""))' \
+        "$WORK/iperf.json" "$((t1 - t0))" "$(getconf CLK_TCK)" "$([[ -n ${VSNOOP_PID:-} ]] && echo 1 || echo 0)" "$split"
 }
 
 # sender.py in the namespace toward the guest's tcpsink, with this run's digest and
@@ -745,12 +813,18 @@ sender() {
 
 set_offload() { "$VSNOOP" ack-offload --control "$WORK/control.sock" "$1" >/dev/null; }
 
+describe_bulk() { # iperf_once's line
+    local mbit cpu stack _
+    IFS=, read -r mbit cpu stack _ <<<"$1"
+    echo "$mbit Mbit/s, vsnoop ${cpu:--} CPU us/MB${stack:+ (host network stack $stack)}"
+}
+
 bulk() { # config
     local config=$1 i r order state
     for i in $(seq "$BULK_REPS"); do
         r=$(iperf_once "$config")
         echo "$config,per-boot,$i,$r" >>"$BULK_CSV"
-        log "  bulk $config #$i: ${r%,*} Mbit/s, vsnoop ${r#*,} CPU us/MB"
+        log "  bulk $config #$i: $(describe_bulk "$r")"
     done
     if [[ $config == on && $BULK_AB == 1 ]]; then
         # Pairs in ABBA order (off-on, on-off, ...), so a drift of the
@@ -762,7 +836,7 @@ bulk() { # config
                 set_offload "$state"
                 r=$(iperf_once "ab-$state")
                 echo "$state,alternating,$i,$r" >>"$BULK_CSV"
-                log "  bulk alternating, offload $state #$i: ${r%,*} Mbit/s, vsnoop ${r#*,} CPU us/MB"
+                log "  bulk alternating, offload $state #$i: $(describe_bulk "$r")"
             done
         done
         set_offload on
@@ -863,7 +937,7 @@ PY
 mkdir -p "$OUT_DIR"
 rm -rf "$ROWDIR"
 echo "config,contention,size_bytes,rep,seconds,mb_per_s,status" >"$CSV"
-echo "config,kind,rep,mbit_per_s,vsnoop_cpu_us_per_mb" >"$BULK_CSV"
+echo "config,kind,rep,mbit_per_s,vsnoop_cpu_us_per_mb,host_stack_us_per_mb,perf_us_per_mb" >"$BULK_CSV"
 n_rows=$(($(wc -w <<<"$CONFIGS") * $(wc -w <<<"$CONTENTIONS")))
 log "$n_rows rows: configurations [$CONFIGS] x contention [$CONTENTIONS]; size=count per row: $(sizes_plan)"
 log "results: $CSV, $MD${PLOTTER:+, $SVG}"
@@ -990,19 +1064,39 @@ if bulk:
     print("Bulk throughput host->guest, unthrottled (iperf3): median (min–max) of the runs; "
           "vsnoop's CPU time (user + system) per MB received.")
     print()
-    print("| measurement | runs | Mbit/s | vsnoop CPU us/MB |")
-    print("|---|---:|---:|---:|")
+    # BULK_PERF: the host network stack's share of vsnoop's CPU (the local
+    # sender's ACK processing run inside vsnoop's tap writes), and the rest.
+    perf = any(b.get("host_stack_us_per_mb") for b in bulk)
+    if perf:
+        print("With `BULK_PERF=1`: of vsnoop's CPU per MB, the host network stack's part (perf samples under "
+              "`tcp_v4_rcv`/`tcp_v6_rcv` or softirq handling: the local sender's ACK processing and the "
+              "segments it releases, which the kernel runs inside vsnoop's tap write) and the rest "
+              "(vsnoop's own work and its I/O).")
+        print()
+        print("| measurement | runs | Mbit/s | vsnoop CPU us/MB | host network stack us/MB | the rest us/MB |")
+        print("|---|---:|---:|---:|---:|---:|")
+    else:
+        print("| measurement | runs | Mbit/s | vsnoop CPU us/MB |")
+        print("|---|---:|---:|---:|")
     groups = collections.defaultdict(list)
     cpu = collections.defaultdict(list)
+    stack = collections.defaultdict(list)
+    rest = collections.defaultdict(list)
     for b in bulk:
         groups[(b["kind"], b["config"])].append(float(b["mbit_per_s"]))
         if b.get("vsnoop_cpu_us_per_mb"):
             cpu[(b["kind"], b["config"])].append(float(b["vsnoop_cpu_us_per_mb"]))
+        if b.get("host_stack_us_per_mb"):
+            stack[(b["kind"], b["config"])].append(float(b["host_stack_us_per_mb"]))
+            rest[(b["kind"], b["config"])].append(
+                float(b["vsnoop_cpu_us_per_mb"]) - float(b["host_stack_us_per_mb"]))
     def span(v, fmt):
         return f"{statistics.median(v):{fmt}} ({min(v):{fmt}}–{max(v):{fmt}})" if v else "-"
     for (kind, cfg), v in groups.items():
         label = names.get(cfg, cfg) + (" (own boot)" if kind == "per-boot" else ", alternating on one boot")
-        print(f"| {label} | {len(v)} | {span(v, '.1f')} | {span(cpu.get((kind, cfg), []), '.0f')} |")
+        extra = (f" | {span(stack.get((kind, cfg), []), '.0f')} | {span(rest.get((kind, cfg), []), '.0f')}"
+                 if perf else "")
+        print(f"| {label} | {len(v)} | {span(v, '.1f')} | {span(cpu.get((kind, cfg), []), '.0f')}{extra} |")
     def loss(a, b):
         if groups.get(a) and groups.get(b):
             return 100 * (1 - statistics.median(groups[a]) / statistics.median(groups[b]))
@@ -1033,6 +1127,37 @@ if bulk:
                   f"{100 * (1 - t[0]):+.1f}% ({100 * (1 - t[2]):+.1f}% to {100 * (1 - t[1]):+.1f}%).")
         if c:
             print(f"vsnoop CPU per MB, on/off: median {c[0]:.3f} ({c[1]:.3f}–{c[2]:.3f}).")
+        if perf:
+            def diff(value):
+                d = [value(p["on"]) - value(p["off"]) for p in pairs
+                     if p["on"].get("host_stack_us_per_mb") and p["off"].get("host_stack_us_per_mb")]
+                return (*boot_median(d), len(d)) if len(d) >= 3 else None
+            total = diff(lambda b: float(b["vsnoop_cpu_us_per_mb"]))
+            host = diff(lambda b: float(b["host_stack_us_per_mb"]))
+            own = diff(lambda b: float(b["vsnoop_cpu_us_per_mb"]) - float(b["host_stack_us_per_mb"]))
+            if total and host and own:
+                print(f"Paired on - off, us per MB ({total[3]} pairs, median and 95% range): vsnoop CPU "
+                      f"{total[0]:+.0f} ({total[1]:+.0f} to {total[2]:+.0f}), of which the host network stack "
+                      f"{host[0]:+.0f} ({host[1]:+.0f} to {host[2]:+.0f}) and the rest "
+                      f"{own[0]:+.0f} ({own[1]:+.0f} to {own[2]:+.0f}).")
+            def split(b):
+                return dict((k, float(v)) for k, v in
+                            (kv.split("=") for kv in b.get("perf_us_per_mb", "").split(";") if kv))
+            cats = list(split(pairs[0]["on"]))
+            if cats:
+                print()
+                print("Where vsnoop's CPU goes (perf, us per MB received; first matching kernel frame, else "
+                      "the leaf: `PERF_SPLIT` in the script), medians of the alternating runs and of the "
+                      "paired difference:")
+                print()
+                print("| part | offload off | offload on | on - off (95% range) |")
+                print("|---|---:|---:|---:|")
+                for cat in cats:
+                    offs = [split(p["off"]).get(cat, 0.0) for p in pairs]
+                    ons = [split(p["on"]).get(cat, 0.0) for p in pairs]
+                    d = boot_median([a - b for a, b in zip(ons, offs)])
+                    print(f"| {cat} | {statistics.median(offs):.0f} | {statistics.median(ons):.0f} "
+                          f"| {d[0]:+.0f} ({d[1]:+.0f} to {d[2]:+.0f}) |")
 if plotter:
     print()
     print(f"CDF of the 100 KB transfers: `{svg}`.")
