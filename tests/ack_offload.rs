@@ -1501,10 +1501,10 @@ fn guest_drops_early_acked_data() {
 }
 
 /// The guest's vCPU waits for the CPU (QEMU stopped with SIGSTOP) while
-/// early-ACKed data sits in its ring: for 3 s at once (custody times out
-/// several times), then in a 20 ms run / 80 ms stop cycle; then short
-/// transfers on connections that idled 300 ms after the handshake, under a
-/// 10 ms run / 190 ms stop cycle (how connections were reset before: the
+/// early-ACKed data sits in its ring: for 3 s at once, stopped when it owes
+/// bytes (custody times out and re-delivers), then in a 20 ms run / 80 ms
+/// stop cycle; then short transfers on connections that idled 300 ms after
+/// the handshake, under a 10 ms run / 190 ms stop cycle (how connections were reset before: the
 /// custody timer ran from the handshake and D-SACKs of our own re-deliveries
 /// counted as failures). The data in the ring is the guest's own, it was only
 /// not looked at: every transfer completes hash-equal and custody never gives
