@@ -771,8 +771,9 @@ if samples:
 '
 
 # Prints "Mbit/s,vsnoop CPU us per MB received,of which the host network stack's,
-# the split" (CPU empty without vsnoop; the last two columns empty unless
-# BULK_PERF=1; the split is "category=us per MB;...", see PERF_SPLIT).
+# the split,the sending iperf3's CPU us per MB" (vsnoop's CPU empty without
+# vsnoop; the next two columns empty unless BULK_PERF=1; the split is
+# "category=us per MB;...", see PERF_SPLIT).
 iperf_once() { # label
     local t0 t1 perf_pid="" perf_data="$WORK/perf.data" split=""
     if [[ $BULK_PERF == 1 && -n ${VSNOOP_PID:-} ]]; then
@@ -795,13 +796,16 @@ iperf_once() { # label
     fi
     "$PYTHON" -c '
 import json, sys
-d = json.load(open(sys.argv[1]))["end"]["sum_received"]
+end = json.load(open(sys.argv[1]))["end"]
+d = end["sum_received"]
 ticks, hz = int(sys.argv[2]), int(sys.argv[3])
 cpu = ticks / hz * 1e6 / (d["bytes"] / 1e6)
 split = dict((k, float(v) * cpu) for k, v in (kv.split("=") for kv in sys.argv[5].split(";") if kv))
-print("%.1f,%s,%s,%s" % (d["bits_per_second"] / 1e6, "%.1f" % cpu if sys.argv[4] == "1" else "",
+# The sending iperf3 process (user + system, softirq work in its context included).
+sender = end["cpu_utilization_percent"]["host_total"] / 100 * end["sum_sent"]["seconds"] * 1e6 / (d["bytes"] / 1e6)
+print("%.1f,%s,%s,%s,%.1f" % (d["bits_per_second"] / 1e6, "%.1f" % cpu if sys.argv[4] == "1" else "",
       "%.1f" % split["host_stack"] if split and sys.argv[4] == "1" else "",
-      ";".join("%s=%.1f" % kv for kv in split.items()) if sys.argv[4] == "1" else ""))' \
+      ";".join("%s=%.1f" % kv for kv in split.items()) if sys.argv[4] == "1" else "", sender))' \
         "$WORK/iperf.json" "$((t1 - t0))" "$(getconf CLK_TCK)" "$([[ -n ${VSNOOP_PID:-} ]] && echo 1 || echo 0)" "$split"
 }
 
@@ -814,9 +818,9 @@ sender() {
 set_offload() { "$VSNOOP" ack-offload --control "$WORK/control.sock" "$1" >/dev/null; }
 
 describe_bulk() { # iperf_once's line
-    local mbit cpu stack _
-    IFS=, read -r mbit cpu stack _ <<<"$1"
-    echo "$mbit Mbit/s, vsnoop ${cpu:--} CPU us/MB${stack:+ (host network stack $stack)}"
+    local mbit cpu stack _ sender
+    IFS=, read -r mbit cpu stack _ sender <<<"$1"
+    echo "$mbit Mbit/s, vsnoop ${cpu:--} CPU us/MB${stack:+ (host network stack $stack)}, sender $sender"
 }
 
 bulk() { # config
@@ -937,7 +941,7 @@ PY
 mkdir -p "$OUT_DIR"
 rm -rf "$ROWDIR"
 echo "config,contention,size_bytes,rep,seconds,mb_per_s,status" >"$CSV"
-echo "config,kind,rep,mbit_per_s,vsnoop_cpu_us_per_mb,host_stack_us_per_mb,perf_us_per_mb" >"$BULK_CSV"
+echo "config,kind,rep,mbit_per_s,vsnoop_cpu_us_per_mb,host_stack_us_per_mb,perf_us_per_mb,sender_cpu_us_per_mb" >"$BULK_CSV"
 n_rows=$(($(wc -w <<<"$CONFIGS") * $(wc -w <<<"$CONTENTIONS")))
 log "$n_rows rows: configurations [$CONFIGS] x contention [$CONTENTIONS]; size=count per row: $(sizes_plan)"
 log "results: $CSV, $MD${PLOTTER:+, $SVG}"
@@ -1127,6 +1131,17 @@ if bulk:
                   f"{100 * (1 - t[0]):+.1f}% ({100 * (1 - t[2]):+.1f}% to {100 * (1 - t[1]):+.1f}%).")
         if c:
             print(f"vsnoop CPU per MB, on/off: median {c[0]:.3f} ({c[1]:.3f}–{c[2]:.3f}).")
+        def cpu_diff(value):
+            d = [value(p["on"]) - value(p["off"]) for p in pairs
+                 if p["on"].get("sender_cpu_us_per_mb") and p["off"].get("sender_cpu_us_per_mb")
+                 and p["on"].get("vsnoop_cpu_us_per_mb") and p["off"].get("vsnoop_cpu_us_per_mb")]
+            return (*boot_median(d), len(d)) if len(d) >= 3 else None
+        snd = cpu_diff(lambda b: float(b["sender_cpu_us_per_mb"]))
+        both = cpu_diff(lambda b: float(b["sender_cpu_us_per_mb"]) + float(b["vsnoop_cpu_us_per_mb"]))
+        if snd and both:
+            print(f"The sending iperf3's CPU per MB (its own report), paired on - off: {snd[0]:+.0f} us "
+                  f"({snd[1]:+.0f} to {snd[2]:+.0f}); vsnoop and the sender together: {both[0]:+.0f} us "
+                  f"({both[1]:+.0f} to {both[2]:+.0f}).")
         if perf:
             def diff(value):
                 d = [value(p["on"]) - value(p["off"]) for p in pairs
