@@ -715,9 +715,14 @@ impl EdgeCheck {
             .map(|l| l.split('\t').map(str::to_owned).collect())
             .filter(|r: &Vec<String>| r.len() >= 6)
             .collect();
-        // The writer's order is not time order: sort by the timestamp.
-        let time = |r: &Vec<String>| r[0].parse::<f64>().unwrap_or(0.0);
-        rows.sort_by(|a, b| time(a).total_cmp(&time(b)));
+        // The writer's order is not time order: sort by the timestamp, in
+        // whole nanoseconds (an f64 of epoch seconds keeps only ~0.2 us).
+        let time = |r: &Vec<String>| -> (u64, u64) {
+            let (secs, frac) = r[0].split_once('.').unwrap_or((&r[0], "0"));
+            let nanos = format!("{frac:0<9}");
+            (secs.parse().unwrap_or(0), nanos[..9].parse().unwrap_or(0))
+        };
+        rows.sort_by_key(time);
         let num = |v: &str| v.parse::<u64>().ok();
         let guest_ids: HashSet<&str> = rows
             .iter()
