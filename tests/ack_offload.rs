@@ -1216,7 +1216,8 @@ fn shutdown_waits_for_the_guest_to_confirm_early_acked_bytes() {
 
 /// The custody budget runs out (`--custody-budget-mb 1`) with four
 /// parallel transfers toward a guest that keeps stopping (QEMU in a 20 ms
-/// run / 60 ms stop cycle, so early-ACKed bytes pile up): flows that find
+/// run / 60 ms stop cycle, so early-ACKed bytes pile up; 1024 RX
+/// descriptors, so the ring can hold more than the budget): flows that find
 /// no budget go offline (`custody_budget`) instead of being acknowledged
 /// without a copy, custody never exceeds the budget, and every transfer is
 /// hash-equal.
@@ -1227,33 +1228,46 @@ fn custody_budget_exhausted() {
         label,
         RigOptions {
             vsnoop_args: vec!["--custody-budget-mb", "1"],
+            device_opts: "rx_queue_size=1024",
+            // 1 MiB receive buffers from the start: wider windows to fill
+            // while the guest is stopped.
+            append: "vsnoop.sysctl=net.ipv4.tcp_rmem=4096:1048576:8388608".into(),
             ..RigOptions::default()
         },
     );
     let qemu = rig.guest.pid();
-    let handles: Vec<_> = (0..4)
-        .map(|_| sink::spawn_send(&rig.ns, GUEST_IP, SINK_PORT, 16 * MIB, &sink_opts()))
-        .collect();
     let mut peak = 0;
-    let end = Instant::now() + Duration::from_secs(120);
-    while Instant::now() < end && handles.iter().any(|h| !h.is_finished()) {
-        thread::sleep(Duration::from_millis(20));
-        common::signal(qemu, 19); // SIGSTOP
-        thread::sleep(Duration::from_millis(60));
-        peak = peak.max(off(&rig.stats(), "custody_bytes").unwrap_or(0));
-        common::signal(qemu, 18); // SIGCONT
+    let mut short = 0;
+    let mut round = 0;
+    // How far custody grows depends on how open the guest's windows are at
+    // each stop: a round may end without running out, so up to three.
+    while short == 0 && round < 3 {
+        round += 1;
+        let handles: Vec<_> = (0..4)
+            .map(|_| sink::spawn_send(&rig.ns, GUEST_IP, SINK_PORT, 16 * MIB, &sink_opts()))
+            .collect();
+        let end = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < end && handles.iter().any(|h| !h.is_finished()) {
+            thread::sleep(Duration::from_millis(20));
+            common::signal(qemu, 19); // SIGSTOP
+            thread::sleep(Duration::from_millis(60));
+            peak = peak.max(off(&rig.stats(), "custody_bytes").unwrap_or(0));
+            common::signal(qemu, 18); // SIGCONT
+        }
+        common::signal(qemu, 18);
+        for (i, h) in handles.into_iter().enumerate() {
+            rig.join_ok(&format!("round {round}, transfer {i} (16 MiB)"), h);
+        }
+        let s = rig.stats();
+        print_offload(label, "after", &s);
+        short = checks.reason(&s, "offline", "custody_budget");
+        println!(
+            "[{label}] round {round}: custody peak seen {peak} bytes, offline.custody_budget {short}"
+        );
     }
-    common::signal(qemu, 18);
-    for (i, h) in handles.into_iter().enumerate() {
-        rig.join_ok(&format!("transfer {i} (16 MiB)"), h);
-    }
-    let s = rig.stats();
-    print_offload(label, "after", &s);
-    let short = checks.reason(&s, "offline", "custody_budget");
-    println!("[{label}] custody peak seen {peak} bytes, offline.custody_budget {short}");
     checks.check(
         short > 0,
-        "no flow ever ran out of custody budget".to_string(),
+        format!("no flow ever ran out of custody budget in {round} rounds"),
     );
     checks.check(
         peak <= 1 << 20,
