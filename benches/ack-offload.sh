@@ -1131,30 +1131,30 @@ if bulk:
                   f"{100 * (1 - t[0]):+.1f}% ({100 * (1 - t[2]):+.1f}% to {100 * (1 - t[1]):+.1f}%).")
         if c:
             print(f"vsnoop CPU per MB, on/off: median {c[0]:.3f} ({c[1]:.3f}–{c[2]:.3f}).")
-        def cpu_diff(value):
+        def paired_diff(value, *fields):
+            """Median and 95% range of value(on) - value(off) over the pairs with every field."""
             d = [value(p["on"]) - value(p["off"]) for p in pairs
-                 if p["on"].get("sender_cpu_us_per_mb") and p["off"].get("sender_cpu_us_per_mb")
-                 and p["on"].get("vsnoop_cpu_us_per_mb") and p["off"].get("vsnoop_cpu_us_per_mb")]
+                 if all(p[state].get(f) for state in ("on", "off") for f in fields)]
             return (*boot_median(d), len(d)) if len(d) >= 3 else None
-        snd = cpu_diff(lambda b: float(b["sender_cpu_us_per_mb"]))
-        both = cpu_diff(lambda b: float(b["sender_cpu_us_per_mb"]) + float(b["vsnoop_cpu_us_per_mb"]))
+        def us(d):
+            return f"{d[0]:+.0f} ({d[1]:+.0f} to {d[2]:+.0f})"
+        def num(f):
+            return lambda b: float(b[f])
+        snd = paired_diff(num("sender_cpu_us_per_mb"), "sender_cpu_us_per_mb", "vsnoop_cpu_us_per_mb")
+        both = paired_diff(lambda b: num("sender_cpu_us_per_mb")(b) + num("vsnoop_cpu_us_per_mb")(b),
+                           "sender_cpu_us_per_mb", "vsnoop_cpu_us_per_mb")
         if snd and both:
-            print(f"The sending iperf3's CPU per MB (its own report), paired on - off: {snd[0]:+.0f} us "
-                  f"({snd[1]:+.0f} to {snd[2]:+.0f}); vsnoop and the sender together: {both[0]:+.0f} us "
-                  f"({both[1]:+.0f} to {both[2]:+.0f}).")
+            print(f"The sending iperf3's CPU per MB (its own report), paired on - off: "
+                  f"{snd[0]:+.0f} us ({snd[1]:+.0f} to {snd[2]:+.0f}); vsnoop and the sender together: "
+                  f"{both[0]:+.0f} us ({both[1]:+.0f} to {both[2]:+.0f}).")
         if perf:
-            def diff(value):
-                d = [value(p["on"]) - value(p["off"]) for p in pairs
-                     if p["on"].get("host_stack_us_per_mb") and p["off"].get("host_stack_us_per_mb")]
-                return (*boot_median(d), len(d)) if len(d) >= 3 else None
-            total = diff(lambda b: float(b["vsnoop_cpu_us_per_mb"]))
-            host = diff(lambda b: float(b["host_stack_us_per_mb"]))
-            own = diff(lambda b: float(b["vsnoop_cpu_us_per_mb"]) - float(b["host_stack_us_per_mb"]))
+            fields = ("vsnoop_cpu_us_per_mb", "host_stack_us_per_mb")
+            total = paired_diff(num("vsnoop_cpu_us_per_mb"), *fields)
+            host = paired_diff(num("host_stack_us_per_mb"), *fields)
+            own = paired_diff(lambda b: num(fields[0])(b) - num(fields[1])(b), *fields)
             if total and host and own:
                 print(f"Paired on - off, us per MB ({total[3]} pairs, median and 95% range): vsnoop CPU "
-                      f"{total[0]:+.0f} ({total[1]:+.0f} to {total[2]:+.0f}), of which the host network stack "
-                      f"{host[0]:+.0f} ({host[1]:+.0f} to {host[2]:+.0f}) and the rest "
-                      f"{own[0]:+.0f} ({own[1]:+.0f} to {own[2]:+.0f}).")
+                      f"{us(total)}, of which the host network stack {us(host)} and the rest {us(own)}.")
             def split(b):
                 return dict((k, float(v)) for k, v in
                             (kv.split("=") for kv in b.get("perf_us_per_mb", "").split(";") if kv))
@@ -1171,8 +1171,7 @@ if bulk:
                     offs = [split(p["off"]).get(cat, 0.0) for p in pairs]
                     ons = [split(p["on"]).get(cat, 0.0) for p in pairs]
                     d = boot_median([a - b for a, b in zip(ons, offs)])
-                    print(f"| {cat} | {statistics.median(offs):.0f} | {statistics.median(ons):.0f} "
-                          f"| {d[0]:+.0f} ({d[1]:+.0f} to {d[2]:+.0f}) |")
+                    print(f"| {cat} | {statistics.median(offs):.0f} | {statistics.median(ons):.0f} | {us(d)} |")
 if plotter:
     print()
     print(f"CDF of the 100 KB transfers: `{svg}`.")

@@ -1523,9 +1523,9 @@ fn guest_drops_early_acked_data() {
 /// early-ACKed data sits in its ring: for 3 s at once, stopped when it owes
 /// bytes (custody times out and re-delivers), then in a 20 ms run / 80 ms
 /// stop cycle; then short transfers on connections that idled 300 ms after
-/// the handshake, under a 10 ms run / 190 ms stop cycle (how connections were reset before: the
-/// custody timer ran from the handshake and D-SACKs of our own re-deliveries
-/// counted as failures). The data in the ring is the guest's own, it was only
+/// the handshake, under a 10 ms run / 190 ms stop cycle (how connections
+/// were reset before: the custody timer ran from the handshake and D-SACKs
+/// of our own re-deliveries counted as failures). The data in the ring is the guest's own, it was only
 /// not looked at: every transfer completes hash-equal and custody never gives
 /// up (no RST), however long the wait.
 #[test]
@@ -1655,9 +1655,9 @@ fn zero_window() {
     println!("[{label}] offline.window_retracted {retracted}");
     // Rule 6 on the wire: no ACK toward the sender (early, rewritten or
     // passed) advertises a right edge beyond the largest the guest wrote.
-    let dropped = stopped.contains(" 0 dropped,");
+    let lossless = stopped.contains(" 0 dropped,");
     checks.check(
-        dropped,
+        lossless,
         format!("the capture lost frames ({stopped}): the edge check needs every guest ACK"),
     );
     let edges = EdgeCheck::of_capture(&cap, SINK_PORT);
