@@ -16,6 +16,7 @@
 
 pub mod custody;
 pub mod flow;
+mod huge;
 pub mod wire;
 
 #[cfg(test)]
@@ -82,10 +83,11 @@ impl FlowKey {
 /// The flows by key: a hash table whose hash the caller can keep, so the
 /// early ACK that follows a data segment finds its flow without hashing the
 /// key again. The hash is keyed per table (ahash), so remote peers choosing
-/// addresses and ports cannot aim at one bucket.
+/// addresses and ports cannot aim at one bucket. Large tables live on huge
+/// pages ([`huge::HugePages`]).
 #[derive(Default)]
 struct FlowTable {
-    table: HashTable<(FlowKey, Flow)>,
+    table: HashTable<(FlowKey, Flow), huge::HugePages>,
     hasher: ahash::RandomState,
 }
 
@@ -120,7 +122,7 @@ impl FlowTable {
         }
     }
 
-    fn entry(&mut self, hash: u64, key: &FlowKey) -> Entry<'_, (FlowKey, Flow)> {
+    fn entry(&mut self, hash: u64, key: &FlowKey) -> Entry<'_, (FlowKey, Flow), huge::HugePages> {
         let hasher = &self.hasher;
         self.table
             .entry(hash, |(k, _)| k == key, |(k, _)| hasher.hash_one(k))
