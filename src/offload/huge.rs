@@ -4,8 +4,8 @@
 //! every packet's lookup lands on a random bucket: with 4 KiB pages that is
 //! a TLB miss (a page walk that itself misses the cache) on top of the cache
 //! miss. Debian's default THP mode is `madvise`, so the table asks for huge
-//! pages itself. In the offload bench, 1M flows: data segment 760-840 ->
-//! 620-690 ns, guest ACK 170-200 -> 100-150 ns (BENCHMARKS.md).
+//! pages itself (offload bench, 1M flows: a data segment that finds its flow
+//! cold went from 806-884 to 650-698 ns; BENCHMARKS.md).
 
 use std::alloc::Layout;
 use std::ptr::NonNull;
