@@ -164,6 +164,9 @@
 #                        kernel's, 10 since Linux 2.6.39). 3 or 4 is what the
 #                        paper's 2010 senders used (RFC 3390)
 #   VSNOOP_ARGS   [""]   extra vsnoop arguments (e.g. a window bound option)
+#   DEVICE_OPTS   [""]   extra properties of the guest's virtio-net-pci device,
+#                        e.g. "guest_tso4=off,guest_tso6=off": the tap then hands
+#                        over single segments, not 64 KB super-segments
 #   OUT_DIR PREFIX PLOT=0 (no SVG)  LOCK=0 (no guest lock)
 #   VSNOOP=target/release/vsnoop  VSNOOP_GUEST_DIR=target/guest
 #   TCPSINK       [guest]  "standin": development aid only, when the guest
@@ -220,6 +223,7 @@ grep -qw -- "$SENDER_CC" /proc/sys/net/ipv4/tcp_available_congestion_control \
 [[ -z $SENDER_INITCWND || $SENDER_INITCWND =~ ^[1-9][0-9]*$ ]] \
     || { echo "SENDER_INITCWND must be a number of segments, got '$SENDER_INITCWND'" >&2; exit 2; }
 VSNOOP_ARGS=${VSNOOP_ARGS:-}
+DEVICE_OPTS=${DEVICE_OPTS:-}
 OUT_DIR=${OUT_DIR:-$ROOT/benches/results}
 PREFIX=${PREFIX:-ack-offload}
 PLOT=${PLOT:-1}
@@ -644,7 +648,7 @@ start_row() { # config contention
         -smp 1 -m 256M -object memory-backend-memfd,id=mem,size=256M,share=on -numa node,memdev=mem \
         -kernel "$GUEST/vmlinuz" -initrd "$INITRD" -append "$append" \
         -serial "file:$WORK/console.log" "${netdev[@]}" \
-        -device virtio-net-pci,netdev=n0,vectors=0,mrg_rxbuf=on,mac=52:54:00:77:00:02 \
+        -device "virtio-net-pci,netdev=n0,vectors=0,mrg_rxbuf=on,mac=52:54:00:77:00:02${DEVICE_OPTS:+,$DEVICE_OPTS}" \
         </dev/null >"$WORK/qemu.stdout" 2>"$WORK/qemu.stderr" 9>&- &
     QEMU_PID=$!
     echo "$QEMU_PID" >>"$PIDFILE"

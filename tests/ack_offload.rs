@@ -1035,6 +1035,18 @@ fn guest_without_checksum_offload_gets_verified_segments() {
         bad == 0,
         format!("offline.bad_checksum is {bad} for good segments"),
     );
+    // Without TSO toward the guest the tap hands over single segments.
+    // Rule 12: one early ACK per two full-sized segments of a flow in an RX
+    // batch, the odd one when the batch ends.
+    let frames: u64 = (0..)
+        .map_while(|i| s["queues"].get(i))
+        .map(|q| q["rx_packets"].as_u64().unwrap_or(0))
+        .sum();
+    println!("[{label}] {early} early ACKs for {frames} frames from the tap");
+    checks.check(
+        early * 10 <= frames * 7,
+        format!("{early} early ACKs for {frames} single segments: not one per two (rule 12)"),
+    );
     rig.finish(checks);
 }
 

@@ -1011,14 +1011,31 @@ impl Run {
             "remote_published's answer and its frame disagree"
         );
         self.token = Some(token);
-        if !sent {
-            return;
+        if sent {
+            self.check_early_ack(&out);
         }
-        let seg = check_generated(&out, "early ACK");
+    }
+
+    /// The end of an RX batch: the early ACKs that waited (rule 12).
+    fn flush(&mut self) {
+        let (mut out, mut ends) = (vec![], vec![]);
+        let n = self.eng.flush_acks(&mut out, &mut ends);
+        assert_eq!(n, ends.len(), "flush_acks' count and its frames disagree");
+        assert_eq!(ends.last().copied().unwrap_or(0), out.len());
+        assert!(!self.eng.has_deferred_acks(), "early ACKs still wait after a flush");
+        let mut start = 0;
+        for end in ends {
+            self.check_early_ack(&out[start..end]);
+            start = end;
+        }
+    }
+
+    fn check_early_ack(&mut self, out: &[u8]) {
+        let seg = check_generated(out, "early ACK");
         if tracing() {
             eprintln!(
                 "  early ACK: {}",
-                describe(&self.slots, &out, out.len(), true)
+                describe(&self.slots, out, out.len(), true)
             );
         }
         assert!(
@@ -1325,6 +1342,9 @@ impl Run {
                 let c = cut(u, frame.len())?;
                 let q = u.int_in_range(0..=self.queues)?;
                 self.remote(&frame, frame_len, checksum, c, q);
+                if u.ratio(1, 2)? {
+                    self.flush();
+                }
             }
             12..=21 => {
                 let i = u.int_in_range(0..=SLOTS - 1)?;
@@ -1601,6 +1621,9 @@ impl Run {
             }
             self.check();
         }
+        // The burst was one RX batch.
+        self.flush();
+        self.check();
         Ok(())
     }
 }

@@ -66,8 +66,11 @@ pub struct RxState {
     hook_segments: Vec<Segment>,
     /// Frames from the ACK offload waiting for buffers (reused).
     offload_frames: Vec<Vec<u8>>,
-    /// The early ACK being built (reused).
+    /// The early ACK being built, or those that waited for the end of the
+    /// batch, back to back (reused).
     ack_frame: Vec<u8>,
+    /// End offsets of the waiting early ACKs in `ack_frame` (reused).
+    ack_ends: Vec<usize>,
 }
 
 impl Default for RxState {
@@ -105,6 +108,7 @@ impl RxState {
             hook_segments: Vec::new(),
             offload_frames: Vec::new(),
             ack_frame: Vec::new(),
+            ack_ends: Vec::new(),
         }
     }
 
@@ -263,6 +267,7 @@ impl QueuePair {
         let mut published = self.deliver_offload_frames(state.get_queue_mut(), mem);
         let stop = loop {
             if published >= BATCH {
+                self.flush_early_acks();
                 notify_guest(&mut self.rx.used, &mut state, mem);
                 published = 0;
             }
@@ -271,10 +276,33 @@ impl QueuePair {
                 Err(stop) => break stop,
             }
         };
+        self.flush_early_acks();
         if published > 0 {
             notify_guest(&mut self.rx.used, &mut state, mem);
         }
         stop
+    }
+
+    /// Sends the early ACKs that waited for the end of the batch (rule 12:
+    /// one per two full-sized segments of a flow, the odd one here).
+    fn flush_early_acks(&mut self) {
+        let Some(offload) = self.offload().cloned() else {
+            return;
+        };
+        self.rx.ack_frame.clear();
+        self.rx.ack_ends.clear();
+        {
+            let mut engine = offload.lock();
+            if !engine.has_deferred_acks() {
+                return;
+            }
+            engine.flush_acks(&mut self.rx.ack_frame, &mut self.rx.ack_ends);
+        }
+        let mut start = 0;
+        for &end in &self.rx.ack_ends {
+            self.send_local_frame(&self.rx.ack_frame[start..end]);
+            start = end;
+        }
     }
 
     /// Delivers one frame; `Err` says why no frame was delivered.

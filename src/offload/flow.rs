@@ -287,6 +287,12 @@ pub struct Flow {
     ecn: bool,
     /// Largest payload the guest accepts per segment.
     guest_mss: u16,
+    /// Largest payload of a single remote segment so far (not a GSO
+    /// super-segment): what "full-sized" means for rule 12.
+    rcv_mss: u32,
+    /// The early ACK of the last full-sized segment waits for the next
+    /// segment or the end of the RX batch (rule 12).
+    pub ack_deferred: bool,
     /// Guest's latest cumulative ACK (`Gack`).
     pub gack: u32,
     /// Guest's latest raw window field (`Gwin`).
@@ -350,6 +356,10 @@ pub struct Flow {
     pub(super) id: u32,
 }
 
+/// Smallest payload that counts as a full-sized segment for rule 12 (RFC
+/// 1122's default MSS): shorter segments are acknowledged at once.
+const MIN_FULL_SEGMENT: u32 = 536;
+
 /// RFC 2883: the first SACK block is a D-SACK if it lies below the
 /// cumulative ACK or inside the second block.
 fn is_dsack(headers: &[u8], seg: &TcpSegment) -> bool {
@@ -390,6 +400,8 @@ impl Flow {
             timestamps: false,
             ecn: false,
             guest_mss: 536,
+            rcv_mss: 0,
+            ack_deferred: false,
             gack: 0,
             gwin: 0,
             gedge: 0,
@@ -869,6 +881,23 @@ impl Flow {
         if seg.ecn == 3 && self.ecn && self.active() {
             self.ece_pending = true;
         }
+    }
+
+    /// Rule 12 ("ACK at least every second full-sized segment and at least
+    /// once per GRO super-segment"): whether the early ACK for a segment of
+    /// `len` payload bytes, just committed, may wait for the next segment
+    /// or the end of the RX batch. Only a single full-sized segment waits,
+    /// and only if none is waiting already; anything else (a second one, a
+    /// short segment, a super-segment) is acknowledged at once, together
+    /// with the one that waited.
+    pub fn defer_ack(&mut self, len: u32) -> bool {
+        let single = len <= u32::from(self.guest_mss);
+        if single {
+            self.rcv_mss = self.rcv_mss.max(len);
+        }
+        let full = single && len >= self.rcv_mss.max(MIN_FULL_SEGMENT);
+        self.ack_deferred = full && !self.ack_deferred;
+        self.ack_deferred
     }
 
     /// Takes the flow offline (engine-detected reasons: buffers, budget, timeouts).

@@ -164,6 +164,9 @@ pub struct RxToken {
     hash: u64,
     bucket: usize,
     id: u32,
+    /// The frame was one full-sized segment: its early ACK may wait for
+    /// the flow's next segment or the end of the RX batch (rule 12).
+    defer: bool,
 }
 
 /// Engine settings.
@@ -391,6 +394,9 @@ pub struct AckOffload {
     /// the last timer tick: adding a flow is a push and nothing is removed
     /// on the packet path, the timer drops what no longer owes.
     owed: Vec<(FlowKey, u32)>,
+    /// Flows whose early ACK waits for the end of the RX batch (rule 12),
+    /// in the order their segments arrived.
+    deferred: Vec<RxToken>,
     custody_bytes: usize,
     counters: Arc<OffloadCounters>,
     /// Frames for the guest's RX ring, per queue pair.
@@ -436,6 +442,7 @@ impl AckOffload {
             drain_started: None,
             flows: FlowTable::default(),
             owed: Vec::new(),
+            deferred: Vec::new(),
             custody_bytes: 0,
             counters,
             to_guest: (0..queue_pairs.max(1)).map(|_| VecDeque::new()).collect(),
@@ -556,6 +563,7 @@ impl AckOffload {
             hash,
             bucket,
             id: flow.id,
+            defer: false,
         };
         Some((token, flow))
     }
@@ -672,7 +680,7 @@ impl AckOffload {
         now: u64,
     ) -> Option<RxToken> {
         let seg = wire::parse(headers, frame_len)?;
-        let (token, flow) = Self::flow_for(
+        let (mut token, flow) = Self::flow_for(
             &mut self.flows,
             &self.cfg,
             &self.counters,
@@ -754,6 +762,10 @@ impl AckOffload {
             }
             flow.commit(&seg, fx.new_bytes);
             committed = fx.new_bytes;
+            token.defer = self.cfg.enabled
+                && !self.draining
+                && flow.active()
+                && flow.defer_ack(seg.payload_len);
         }
         self.note_mode(established);
         self.note_offline(offline.or(offline_late));
@@ -761,10 +773,45 @@ impl AckOffload {
         (committed > 0 && self.cfg.enabled && !self.draining).then_some(token)
     }
 
-    /// The frame `remote_rx` returned `flow` for is published: emit the early
-    /// ACK if the rules allow (rule 3). Appends it to `out` (an Ethernet
-    /// frame for the tap) and returns whether it did.
+    /// The frame `remote_rx` returned `token` for is published: emit the
+    /// early ACK if the rules allow (rule 3). Appends it to `out` (an
+    /// Ethernet frame for the tap) and returns whether it did. The ACK of a
+    /// single full-sized segment waits for the flow's next segment or for
+    /// [`AckOffload::flush_acks`] at the end of the RX batch (rule 12).
     pub fn remote_published(&mut self, token: &RxToken, out: &mut Vec<u8>) -> bool {
+        if token.defer {
+            self.deferred.push(*token);
+            return false;
+        }
+        self.early_ack(token, out, false)
+    }
+
+    /// Whether early ACKs wait for [`AckOffload::flush_acks`].
+    pub fn has_deferred_acks(&self) -> bool {
+        !self.deferred.is_empty()
+    }
+
+    /// The end of an RX batch: the early ACKs that waited (rule 12), for
+    /// flows whose later segments did not already acknowledge them. Appends
+    /// the frames to `out` back to back and each one's end offset to
+    /// `ends`; returns how many.
+    pub fn flush_acks(&mut self, out: &mut Vec<u8>, ends: &mut Vec<usize>) -> usize {
+        let mut tokens = std::mem::take(&mut self.deferred);
+        let mut sent = 0;
+        for token in &tokens {
+            if self.early_ack(token, out, true) {
+                ends.push(out.len());
+                sent += 1;
+            }
+        }
+        tokens.clear();
+        self.deferred = tokens;
+        sent
+    }
+
+    /// The early ACK of `token`'s flow, if the rules allow one now (and,
+    /// with `waiting_only`, if the flow's ACK still waits for the flush).
+    fn early_ack(&mut self, token: &RxToken, out: &mut Vec<u8>, waiting_only: bool) -> bool {
         if !self.cfg.enabled || self.draining {
             return false;
         }
@@ -772,6 +819,9 @@ impl AckOffload {
         let Some(f) = self.flows.get_mut_token(token) else {
             return false;
         };
+        if waiting_only && !std::mem::take(&mut f.ack_deferred) {
+            return false;
+        }
         let Some(acked) = f.early_ack(limits, out) else {
             return false;
         };
@@ -926,6 +976,7 @@ impl AckOffload {
     pub fn clear(&mut self) {
         self.flows.clear();
         self.owed.clear();
+        self.deferred.clear();
         self.custody_bytes = 0;
         self.spare = Vec::new();
         self.spare_bytes = 0;

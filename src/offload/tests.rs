@@ -176,11 +176,55 @@ impl Harness {
             .remote_rx(0, frame, frame.len(), checksum, &mut copy, self.now)
     }
 
-    /// A remote frame through RX: returns the early ACK, if any.
+    /// A remote frame through RX, as its own RX batch: returns the early
+    /// ACK, if any (sent at once, or at the end of the batch: rule 12).
     fn rx_frame(&mut self, frame: &[u8], checksum: RxChecksum) -> Option<Vec<u8>> {
         let token = self.rx_unpublished(frame, checksum)?;
         let mut out = Vec::new();
+        if self.eng.remote_published(&token, &mut out) {
+            return Some(out);
+        }
+        (self.eng.flush_acks(&mut out, &mut Vec::new()) > 0).then_some(out)
+    }
+
+    /// A remote frame through RX inside a batch (no flush): the early ACK
+    /// sent at once, if any.
+    fn rx_in_batch(&mut self, s: Seg) -> Option<Vec<u8>> {
+        let f = build(&self.conn, false, &s);
+        let token = self.rx_unpublished(&f, RxChecksum::Partial)?;
+        let mut out = Vec::new();
         self.eng.remote_published(&token, &mut out).then_some(out)
+    }
+
+    /// The end of an RX batch: the early ACKs that waited.
+    fn flush(&mut self) -> Vec<Vec<u8>> {
+        let (mut out, mut ends) = (Vec::new(), Vec::new());
+        let n = self.eng.flush_acks(&mut out, &mut ends);
+        assert_eq!(n, ends.len());
+        let mut start = 0;
+        ends.iter()
+            .map(|&end| {
+                let f = out[start..end].to_vec();
+                start = end;
+                f
+            })
+            .collect()
+    }
+
+    /// The next `len` bytes from the remote, in order, as a segment.
+    fn next_seg(&mut self, len: usize) -> Seg {
+        let ts = self.ts_r();
+        let seq = self.rseq;
+        self.rseq = self.rseq.wrapping_add(len as u32);
+        Seg {
+            seq,
+            ack: GUEST_ISN + 1,
+            flags: flags::ACK | flags::PSH,
+            window: 502,
+            ts,
+            payload: (0..len).map(|i| (seq as usize + i) as u8).collect(),
+            ..Seg::default()
+        }
     }
 
     fn rx(&mut self, s: Seg) -> Option<Vec<u8>> {
@@ -330,20 +374,10 @@ impl Harness {
         })
     }
 
-    /// The next `len` bytes from the remote, in order.
+    /// The next `len` bytes from the remote, in order, as their own RX batch.
     fn data(&mut self, len: usize) -> Option<Vec<u8>> {
-        let ts = self.ts_r();
-        let seq = self.rseq;
-        self.rseq = self.rseq.wrapping_add(len as u32);
-        self.rx(Seg {
-            seq,
-            ack: GUEST_ISN + 1,
-            flags: flags::ACK | flags::PSH,
-            window: 502,
-            ts,
-            payload: (0..len).map(|i| (seq as usize + i) as u8).collect(),
-            ..Seg::default()
-        })
+        let s = self.next_seg(len);
+        self.rx(s)
     }
 
     fn key(&self) -> FlowKey {
@@ -1304,14 +1338,20 @@ fn the_early_ack_finds_its_flow_after_the_table_grew_and_never_acks_another() {
             ..Seg::default()
         },
     );
-    for port in 1000u16..1200 {
-        let mut s = syn.clone();
-        s[34..36].copy_from_slice(&port.to_be_bytes());
-        h.rx_frame(&s, RxChecksum::Partial);
+    // Each doubling of the table moves a flow with even odds (the hash is
+    // seeded at random): grow it until this one moved, 200 flows at a time.
+    let moved = |h: &Harness| !matches!(h.eng.flows.table.get_bucket(token.bucket), Some((_, f)) if f.id == token.id);
+    let mut port = 1000u16;
+    while !moved(&h) && port < 9000 {
+        for p in port..port + 200 {
+            let mut s = syn.clone();
+            s[34..36].copy_from_slice(&p.to_be_bytes());
+            h.rx_frame(&s, RxChecksum::Partial);
+        }
+        port += 200;
+        assert_eq!(h.eng.flows(), 1 + usize::from(port - 1000));
     }
-    assert_eq!(h.eng.flows(), 201);
-    let moved =
-        !matches!(h.eng.flows.table.get_bucket(token.bucket), Some((_, f)) if f.id == token.id);
+    let moved = moved(&h);
     assert!(
         moved,
         "the flow left its bucket (the lookup by key is tested)"
@@ -1391,4 +1431,96 @@ fn flow_list_shows_endpoints_mode_reason_and_owed_bytes() {
         assert_eq!((f.owed_bytes, f.custody_bytes), (0, 0));
         assert!(h.eng.flow_list(h.now, 0).is_empty());
     }
+}
+
+/// A full-sized segment in the rule 12 tests (the harness's guest window
+/// is 4000 bytes; the guest's MSS 1460).
+const FULL: usize = 600;
+
+/// Rule 12: within an RX batch, one early ACK per two full-sized segments
+/// of a flow; the odd one is acknowledged when the batch ends.
+#[test]
+fn rule12_two_full_sized_segments_share_one_early_ack() {
+    let mut h = Harness::new(Conn::default());
+    h.handshake();
+    let start = h.rseq;
+    let a = h.next_seg(FULL);
+    assert!(
+        h.rx_in_batch(a).is_none(),
+        "the first full-sized segment waits"
+    );
+    let b = h.next_seg(FULL);
+    let ack = h
+        .rx_in_batch(b)
+        .expect("the second is acknowledged at once");
+    assert_eq!(
+        parse(&ack).ack,
+        start.wrapping_add(2 * FULL as u32),
+        "one ACK covers both"
+    );
+    assert!(
+        h.flush().is_empty(),
+        "nothing left for the end of the batch"
+    );
+    let c = h.next_seg(FULL);
+    assert!(h.rx_in_batch(c).is_none());
+    let flushed = h.flush();
+    assert_eq!(flushed.len(), 1, "the odd one at the end of the batch");
+    assert_eq!(parse(&flushed[0]).ack, start.wrapping_add(3 * FULL as u32));
+    assert!(h.flush().is_empty(), "a flush sends each waiting ACK once");
+    let s = h.stats();
+    assert_eq!((s.early_acks, s.early_acked_bytes), (2, 3 * FULL as u64));
+}
+
+/// Rule 12: a short segment or a GRO super-segment is acknowledged at
+/// once, together with a full-sized one that waited.
+#[test]
+fn rule12_short_segments_and_super_segments_are_acknowledged_at_once() {
+    let mut h = Harness::new(Conn::default());
+    h.handshake();
+    let start = h.rseq;
+    let a = h.next_seg(FULL);
+    assert!(h.rx_in_batch(a).is_none());
+    let b = h.next_seg(100);
+    let ack = h.rx_in_batch(b).expect("a short segment: at once");
+    assert_eq!(
+        parse(&ack).ack,
+        start.wrapping_add(FULL as u32 + 100),
+        "covers the one that waited"
+    );
+    let c = h.next_seg(100);
+    assert!(h.rx_in_batch(c).is_some(), "short segments never wait");
+    let d = h.next_seg(2000);
+    assert!(h.rx_in_batch(d).is_some(), "a super-segment: at once");
+    assert!(h.flush().is_empty());
+    // Segments below 536 bytes never count as full-sized, even when they
+    // are the largest the flow has seen.
+    let mut h = Harness::new(Conn::default());
+    h.handshake();
+    for _ in 0..3 {
+        let s = h.next_seg(400);
+        assert!(h.rx_in_batch(s).is_some());
+    }
+}
+
+/// Rule 12 never overrides the others: an ACK that waited is not sent
+/// once the flow went offline, nor while the offload is off.
+#[test]
+fn rule12_a_waiting_ack_follows_the_flows_mode() {
+    let mut h = Harness::new(Conn::default());
+    h.handshake();
+    let a = h.next_seg(FULL);
+    assert!(h.rx_in_batch(a).is_none());
+    let ts = h.ts_g();
+    h.guest_ack(REMOTE_ISN + 1, 0, ts); // zero window: offline
+    assert!(matches!(h.mode(), Mode::Offline(_)));
+    assert!(h.flush().is_empty(), "no early ACK for an offline flow");
+
+    let mut h = Harness::new(Conn::default());
+    h.handshake();
+    let a = h.next_seg(FULL);
+    assert!(h.rx_in_batch(a).is_none());
+    h.eng.set_enabled(false);
+    assert!(h.flush().is_empty(), "no early ACK with the offload off");
+    assert!(!h.eng.has_deferred_acks());
 }
