@@ -40,7 +40,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use log::{info, warn};
 use pcap_file::pcapng::blocks::interface_description::{
@@ -51,7 +51,7 @@ use pcap_file::{DataLink, Endianness};
 
 use crate::attribution::packet::{self, PacketMeta, Transport, PREFIX_LEN};
 use crate::config::{Config, ConfigError};
-use crate::timing::{now_ns, DataPathHook, PacketView, RxStamps, TxStamps};
+use crate::timing::{wall_minus_monotonic_ns, DataPathHook, PacketView, RxStamps, TxStamps};
 
 /// Interface id of the host-side vantage point.
 pub const HOST_INTERFACE: u32 = 0;
@@ -508,10 +508,6 @@ impl Capture {
             .name("vsnoop-capture".into())
             .spawn(move || write_records(output, rx))
             .map_err(CaptureError::Thread)?;
-        let wall = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos() as u64;
         let mut how = format!("snaplen {snaplen}");
         if let Some(filter) = &settings.filter {
             how.push_str(&format!(", filter: {filter}"));
@@ -532,7 +528,7 @@ impl Capture {
             dropped: AtomicU64::new(0),
             filtered: AtomicU64::new(0),
             counters,
-            clock_offset: wall.wrapping_sub(now_ns()),
+            clock_offset: wall_minus_monotonic_ns(),
             writer: Mutex::new(Some(handle)),
         })
     }
