@@ -1437,10 +1437,9 @@ fn flow_list_shows_endpoints_mode_reason_and_owed_bytes() {
 /// is 4000 bytes; the guest's MSS 1460).
 const FULL: usize = 600;
 
-/// Rule 12: within an RX batch, one early ACK per two full-sized segments
-/// of a flow; the odd one is acknowledged when the batch ends.
-#[test]
-fn rule12_two_full_sized_segments_share_one_early_ack() {
+/// An established flow whose first full-sized segment of an RX batch waits
+/// for its early ACK; and where that segment started.
+fn one_segment_waiting() -> (Harness, u32) {
     let mut h = Harness::new(Conn::default());
     h.handshake();
     let start = h.rseq;
@@ -1449,6 +1448,14 @@ fn rule12_two_full_sized_segments_share_one_early_ack() {
         h.rx_in_batch(a).is_none(),
         "the first full-sized segment waits"
     );
+    (h, start)
+}
+
+/// Rule 12: within an RX batch, one early ACK per two full-sized segments
+/// of a flow; the odd one is acknowledged when the batch ends.
+#[test]
+fn rule12_two_full_sized_segments_share_one_early_ack() {
+    let (mut h, start) = one_segment_waiting();
     let b = h.next_seg(FULL);
     let ack = h
         .rx_in_batch(b)
@@ -1476,11 +1483,7 @@ fn rule12_two_full_sized_segments_share_one_early_ack() {
 /// once, together with a full-sized one that waited.
 #[test]
 fn rule12_short_segments_and_super_segments_are_acknowledged_at_once() {
-    let mut h = Harness::new(Conn::default());
-    h.handshake();
-    let start = h.rseq;
-    let a = h.next_seg(FULL);
-    assert!(h.rx_in_batch(a).is_none());
+    let (mut h, start) = one_segment_waiting();
     let b = h.next_seg(100);
     let ack = h.rx_in_batch(b).expect("a short segment: at once");
     assert_eq!(
@@ -1507,19 +1510,13 @@ fn rule12_short_segments_and_super_segments_are_acknowledged_at_once() {
 /// once the flow went offline, nor while the offload is off.
 #[test]
 fn rule12_a_waiting_ack_follows_the_flows_mode() {
-    let mut h = Harness::new(Conn::default());
-    h.handshake();
-    let a = h.next_seg(FULL);
-    assert!(h.rx_in_batch(a).is_none());
+    let (mut h, _) = one_segment_waiting();
     let ts = h.ts_g();
     h.guest_ack(REMOTE_ISN + 1, 0, ts); // zero window: offline
     assert!(matches!(h.mode(), Mode::Offline(_)));
     assert!(h.flush().is_empty(), "no early ACK for an offline flow");
 
-    let mut h = Harness::new(Conn::default());
-    h.handshake();
-    let a = h.next_seg(FULL);
-    assert!(h.rx_in_batch(a).is_none());
+    let (mut h, _) = one_segment_waiting();
     h.eng.set_enabled(false);
     assert!(h.flush().is_empty(), "no early ACK with the offload off");
     assert!(!h.eng.has_deferred_acks());
