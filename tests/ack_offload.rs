@@ -963,7 +963,7 @@ fn bulk_host_to_guest() {
 /// addresses in fd77::/64 (no duplicate address detection), and a transfer
 /// to the guest's sink over IPv6 is offloaded as over IPv4: hash-equal,
 /// early ACKs counted, the guest's ACKs acted on, the sender's PAWS rejects
-/// 0 and none of its segments retransmitted for our sake.
+/// 0 (its retransmissions are printed).
 #[test]
 fn ipv6_host_to_guest() {
     let label = "ipv6";
