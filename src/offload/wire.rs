@@ -364,20 +364,33 @@ pub fn seq_max(a: u32, b: u32) -> u32 {
 }
 
 /// One's-complement sum of `data` added to `sum` (16-bit big-endian words,
-/// odd trailing byte padded with zero).
-pub fn csum_add(mut sum: u32, data: &[u8]) -> u32 {
-    let mut chunks = data.chunks_exact(2);
-    for w in &mut chunks {
-        sum = sum.wrapping_add(u32::from(u16::from_be_bytes([w[0], w[1]])));
-        // Fold early so the sum cannot overflow on long payloads.
-        if sum > 0xffff_0000 {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
+/// odd trailing byte padded with zero), folded to at most 0xffff (never 0
+/// unless `sum` and `data` are all zero).
+///
+/// Summed as big-endian 32-bit words into 64 bits (no carry to fold until
+/// 16 GiB; the compiler vectorizes the loop): `hi << 16 | lo` is congruent
+/// to `hi + lo` modulo 0xffff, the modulus of one's-complement arithmetic,
+/// so the folded result is the 16-bit word sum's. A segment verified in
+/// software (a guest without checksum offload) costs a fraction of the
+/// word-at-a-time loop.
+pub fn csum_add(sum: u32, data: &[u8]) -> u32 {
+    let mut quads = data.chunks_exact(4);
+    let mut wide: u64 = (&mut quads)
+        .map(|q| u64::from(u32::from_be_bytes([q[0], q[1], q[2], q[3]])))
+        .sum();
+    wide += u64::from(sum);
+    match *quads.remainder() {
+        [a, b, c] => wide += u64::from(u16::from_be_bytes([a, b])) + (u64::from(c) << 8),
+        [a, b] => wide += u64::from(u16::from_be_bytes([a, b])),
+        [a] => wide += u64::from(a) << 8,
+        _ => {}
     }
-    if let [last] = chunks.remainder() {
-        sum = sum.wrapping_add(u32::from(*last) << 8);
+    // End-around carry: each step keeps the value modulo 0xffff and never
+    // turns a nonzero sum into 0.
+    while wide > 0xffff {
+        wide = (wide & 0xffff) + (wide >> 16);
     }
-    sum
+    wide as u32
 }
 
 /// Folds a 32-bit one's-complement accumulator to 16 bits.
@@ -723,6 +736,48 @@ impl AckTemplate {
 mod tests {
     use super::*;
     use etherparse::PacketBuilder;
+
+    /// RFC 1071's definition, one 16-bit word at a time.
+    fn word_sum(sum: u32, data: &[u8]) -> u16 {
+        let mut acc = u64::from(sum);
+        for w in data.chunks(2) {
+            acc += u64::from(w[0]) << 8 | w.get(1).map_or(0, |&b| u64::from(b));
+        }
+        while acc > 0xffff {
+            acc = (acc & 0xffff) + (acc >> 16);
+        }
+        acc as u16
+    }
+
+    #[test]
+    fn csum_add_matches_the_word_at_a_time_sum() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let sums = [0, 1, 6 + 1448, 0xffff, 0x1_fffe, 0x00ff_ffff];
+        for len in 0..=1600 {
+            let data: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            for &sum in &sums {
+                let got = csum_add(sum, &data);
+                assert!(got <= 0xffff, "len {len}: not folded ({got:#x})");
+                assert_eq!(got as u16, word_sum(sum, &data), "len {len}, sum {sum:#x}");
+            }
+        }
+        // Sums that are multiples of 0xffff stay 0xffff (one's-complement
+        // "negative zero"), as the word loop gives; only all-zero input is 0.
+        for len in [2, 4, 6, 7, 8, 1448, 9000] {
+            let ones = vec![0xffu8; len];
+            assert_eq!(csum_add(0, &ones) as u16, word_sum(0, &ones), "len {len}");
+            assert_eq!(csum_add(0, &vec![0u8; len]), 0, "len {len}");
+        }
+        // Long inputs (a 64 KB GSO segment) where the wide sum carries far.
+        let big = vec![0xffu8; 65_535];
+        assert_eq!(csum_add(0xffff, &big) as u16, word_sum(0xffff, &big));
+    }
 
     fn v4_segment(options: &[etherparse::TcpOptionElement], payload: &[u8]) -> Vec<u8> {
         let b = PacketBuilder::ethernet2([1; 6], [2; 6])
