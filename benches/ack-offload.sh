@@ -550,14 +550,6 @@ print(f"stopper: {cycles} cycles", file=sys.stderr)
 PY
 
 # --- one row -------------------------------------------------------------------------------
-wait_for() { # seconds description command...
-    local secs=$1 what=$2; shift 2
-    local deadline=$((SECONDS + secs))
-    until "$@" >/dev/null 2>&1; do
-        ((SECONDS < deadline)) || die "timed out waiting for $what"
-        sleep 0.2
-    done
-}
 
 guest_ready() {
     kill -0 "$QEMU_PID" 2>/dev/null || die "QEMU exited early: $(tail -5 "$WORK/qemu.stderr" 2>/dev/null)"

@@ -93,14 +93,6 @@ testpmd() {
 
 nsread() { ip netns exec "$NS" cat "/sys/class/net/$1/statistics/$2"; }
 
-wait_for() { # seconds description command...
-    local secs=$1 what=$2; shift 2
-    local deadline=$((SECONDS + secs))
-    until "$@" >/dev/null 2>&1; do
-        ((SECONDS < deadline)) || die "timed out waiting for $what"
-        sleep 0.1
-    done
-}
 
 # Latest cumulative "RX-packets"/"RX-bytes" (or TX-) of port 0 from testpmd A's
 # periodic statistics.

@@ -70,14 +70,6 @@ if [[ ! -f $GUEST/vmlinuz || ! -f $GUEST/initramfs.gz ]]; then
     "$ROOT/scripts/build-guest.sh" >&2
 fi
 
-wait_for() { # seconds description command...
-    local secs=$1 what=$2; shift 2
-    local deadline=$((SECONDS + secs))
-    until "$@" >/dev/null 2>&1; do
-        ((SECONDS < deadline)) || die "timed out waiting for $what"
-        sleep 0.2
-    done
-}
 
 qemu_alive() { kill -0 "$QEMU_PID" 2>/dev/null; }
 guest_ready() {

@@ -15,3 +15,14 @@ stop_pid() {
     kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
 }
+
+# Runs `command...` until it succeeds (output discarded), every 0.2 s, for
+# at most `seconds`; dies naming `description` if it never does.
+wait_for() { # seconds description command...
+    local secs=$1 what=$2; shift 2
+    local deadline=$((SECONDS + secs))
+    until "$@" >/dev/null 2>&1; do
+        ((SECONDS < deadline)) || die "timed out waiting for $what"
+        sleep 0.2
+    done
+}
