@@ -1160,16 +1160,17 @@ fn guest_without_checksum_offload_gets_verified_segments() {
         format!("offline.bad_checksum is {bad} for good segments"),
     );
     // Without TSO toward the guest the tap hands over single segments.
-    // Rule 12: one early ACK per two full-sized segments of a flow in an RX
-    // batch, the odd one when the batch ends.
+    // Rule 12: one early ACK per flow per RX batch (or per 64 KB of it), not
+    // one per segment: 0.036 per frame measured (one per two segments gave
+    // 0.496, one per segment 0.999).
     let frames: u64 = (0..)
         .map_while(|i| s["queues"].get(i))
         .map(|q| q["rx_packets"].as_u64().unwrap_or(0))
         .sum();
     println!("[{label}] {early} early ACKs for {frames} frames from the tap");
     checks.check(
-        early * 10 <= frames * 7,
-        format!("{early} early ACKs for {frames} single segments: not one per two (rule 12)"),
+        early * 4 <= frames,
+        format!("{early} early ACKs for {frames} single segments: not one per batch (rule 12)"),
     );
     rig.finish(checks);
 }

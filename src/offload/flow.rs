@@ -290,9 +290,11 @@ pub struct Flow {
     /// Largest payload of a single remote segment so far (not a GSO
     /// super-segment): what "full-sized" means for rule 12.
     rcv_mss: u32,
-    /// The early ACK of the last full-sized segment waits for the next
-    /// segment or the end of the RX batch (rule 12).
-    pub ack_deferred: bool,
+    /// The early ACK of the full-sized segments committed since the last
+    /// one waits for the end of the RX batch (rule 12).
+    ack_deferred: bool,
+    /// Payload bytes of those segments.
+    deferred_bytes: u32,
     /// Guest's latest cumulative ACK (`Gack`).
     pub gack: u32,
     /// Guest's latest raw window field (`Gwin`).
@@ -360,6 +362,12 @@ pub struct Flow {
 /// 1122's default MSS): shorter segments are acknowledged at once.
 const MIN_FULL_SEGMENT: u32 = 536;
 
+/// The most payload full-sized segments of one flow may carry in one RX
+/// batch before their early ACK goes out: a GRO super-segment's worth
+/// (Linux's default `gro_max_size`), the most a guest's own stack would
+/// take in before acknowledging (rule 12).
+const BATCH_ACK_BYTES: u32 = 65_536;
+
 /// RFC 2883: the first SACK block is a D-SACK if it lies below the
 /// cumulative ACK or inside the second block.
 fn is_dsack(headers: &[u8], seg: &TcpSegment) -> bool {
@@ -402,6 +410,7 @@ impl Flow {
             guest_mss: 536,
             rcv_mss: 0,
             ack_deferred: false,
+            deferred_bytes: 0,
             gack: 0,
             gwin: 0,
             gedge: 0,
@@ -885,19 +894,36 @@ impl Flow {
 
     /// Rule 12 ("ACK at least every second full-sized segment and at least
     /// once per GRO super-segment"): whether the early ACK for a segment of
-    /// `len` payload bytes, just committed, may wait for the next segment
-    /// or the end of the RX batch. Only a single full-sized segment waits,
-    /// and only if none is waiting already; anything else (a second one, a
-    /// short segment, a super-segment) is acknowledged at once, together
-    /// with the one that waited.
+    /// `len` payload bytes, just committed, may wait for the end of the RX
+    /// batch. The guest is notified once per batch and its stack takes the
+    /// batch's segments of a flow in as GRO super-segments, acknowledging
+    /// each once; the early ACK does the same. Full-sized segments wait
+    /// until the flow's waiting bytes reach [`BATCH_ACK_BYTES`]; a short
+    /// segment or a super-segment from the tap is acknowledged at once,
+    /// together with the ones that waited.
     pub fn defer_ack(&mut self, len: u32) -> bool {
         let single = len <= u32::from(self.guest_mss);
         if single {
             self.rcv_mss = self.rcv_mss.max(len);
         }
         let full = single && len >= self.rcv_mss.max(MIN_FULL_SEGMENT);
-        self.ack_deferred = full && !self.ack_deferred;
+        self.deferred_bytes = if full {
+            self.deferred_bytes.saturating_add(len)
+        } else {
+            BATCH_ACK_BYTES
+        };
+        self.ack_deferred = self.deferred_bytes < BATCH_ACK_BYTES;
+        if !self.ack_deferred {
+            self.deferred_bytes = 0;
+        }
         self.ack_deferred
+    }
+
+    /// Whether an early ACK waits for the end of the batch; clears it (the
+    /// flush sends it, or the flow's mode no longer allows it).
+    pub fn take_deferred_ack(&mut self) -> bool {
+        self.deferred_bytes = 0;
+        std::mem::take(&mut self.ack_deferred)
     }
 
     /// Takes the flow offline (engine-detected reasons: buffers, budget, timeouts).

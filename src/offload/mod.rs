@@ -819,7 +819,7 @@ impl AckOffload {
         let Some(f) = self.flows.get_mut_token(token) else {
             return false;
         };
-        if waiting_only && !std::mem::take(&mut f.ack_deferred) {
+        if waiting_only && !f.take_deferred_ack() {
             return false;
         }
         let Some(acked) = f.early_ack(limits, out) else {

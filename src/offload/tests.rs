@@ -1451,32 +1451,58 @@ fn one_segment_waiting() -> (Harness, u32) {
     (h, start)
 }
 
-/// Rule 12: within an RX batch, one early ACK per two full-sized segments
-/// of a flow; the odd one is acknowledged when the batch ends.
+/// Rule 12: a flow's full-sized segments in one RX batch share one early
+/// ACK, sent when the batch ends (the guest takes them in as one GRO
+/// super-segment and would acknowledge them once).
 #[test]
-fn rule12_two_full_sized_segments_share_one_early_ack() {
+fn rule12_full_sized_segments_of_a_batch_share_one_early_ack() {
     let (mut h, start) = one_segment_waiting();
     let b = h.next_seg(FULL);
-    let ack = h
-        .rx_in_batch(b)
-        .expect("the second is acknowledged at once");
-    assert_eq!(
-        parse(&ack).ack,
-        start.wrapping_add(2 * FULL as u32),
-        "one ACK covers both"
-    );
-    assert!(
-        h.flush().is_empty(),
-        "nothing left for the end of the batch"
-    );
-    let c = h.next_seg(FULL);
-    assert!(h.rx_in_batch(c).is_none());
+    assert!(h.rx_in_batch(b).is_none(), "the second waits too");
     let flushed = h.flush();
-    assert_eq!(flushed.len(), 1, "the odd one at the end of the batch");
-    assert_eq!(parse(&flushed[0]).ack, start.wrapping_add(3 * FULL as u32));
+    assert_eq!(flushed.len(), 1, "one ACK at the end of the batch");
+    assert_eq!(
+        parse(&flushed[0]).ack,
+        start.wrapping_add(2 * FULL as u32),
+        "it covers both"
+    );
     assert!(h.flush().is_empty(), "a flush sends each waiting ACK once");
+    let c = h.next_seg(FULL);
+    assert!(h.rx_in_batch(c).is_none(), "the next batch waits again");
+    let flushed = h.flush();
+    assert_eq!(flushed.len(), 1);
+    assert_eq!(parse(&flushed[0]).ack, start.wrapping_add(3 * FULL as u32));
     let s = h.stats();
     assert_eq!((s.early_acks, s.early_acked_bytes), (2, 3 * FULL as u64));
+}
+
+/// Rule 12: "at least once per GRO super-segment": a batch's full-sized
+/// segments of one flow get their early ACK at once when they reach 64 KB,
+/// and the count starts again after it.
+#[test]
+fn rule12_a_batch_acknowledges_every_64_kb_at_once() {
+    let mut h = Harness::new(Conn::default());
+    h.handshake();
+    let ts = h.ts_g();
+    h.guest_ack(REMOTE_ISN + 1, 60_000, ts); // edge 240 000 bytes away
+    let start = h.rseq;
+    let per_ack = 65_536usize.div_ceil(FULL);
+    let mut at_once = Vec::new();
+    for i in 0..2 * per_ack {
+        let seg = h.next_seg(FULL);
+        if let Some(ack) = h.rx_in_batch(seg) {
+            at_once.push((i, parse(&ack).ack));
+        }
+    }
+    let want: Vec<(usize, u32)> = [per_ack - 1, 2 * per_ack - 1]
+        .iter()
+        .map(|&i| (i, start.wrapping_add(((i + 1) * FULL) as u32)))
+        .collect();
+    assert_eq!(
+        at_once, want,
+        "one ACK at once per 64 KB, covering all before it"
+    );
+    assert!(h.flush().is_empty(), "nothing left waiting");
 }
 
 /// Rule 12: a short segment or a GRO super-segment is acknowledged at
