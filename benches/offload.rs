@@ -5,9 +5,9 @@
 //!   (building the early ACK frame with its checksums), RxChecksum::Partial,
 //!   with the end of each batch's `flush_acks`: each flow's one segment in a
 //!   batch waits for that flush (rule 12), so every segment gets its own
-//!   early ACK (with 1 flow, one per two segments);
+//!   early ACK (with 1 flow, one per 64 KB and one at the flush);
 //! - the same with two segments of a flow in a row, as a bulk flow's
-//!   segments arrive: one early ACK per pair (rule 12);
+//!   segments arrive: one early ACK per pair, at the flush (rule 12);
 //! - a guest pure ACK below E: `guest_tx` suppressing it (its right edge did
 //!   not move), or rewriting it (ack := E, window, TSecr, incremental
 //!   checksum update) because its right edge moved;

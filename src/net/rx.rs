@@ -284,7 +284,7 @@ impl QueuePair {
     }
 
     /// Sends the early ACKs that waited for the end of the batch (rule 12:
-    /// one per two full-sized segments of a flow, the odd one here).
+    /// one per flow whose full-sized segments are not yet acknowledged).
     fn flush_early_acks(&mut self) {
         let Some(offload) = self.offload().cloned() else {
             return;

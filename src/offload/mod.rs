@@ -164,8 +164,9 @@ pub struct RxToken {
     hash: u64,
     bucket: usize,
     id: u32,
-    /// The frame was one full-sized segment: its early ACK may wait for
-    /// the flow's next segment or the end of the RX batch (rule 12).
+    /// The frame was a full-sized segment: its early ACK waits for the end
+    /// of the RX batch, or for the flow's segment that acknowledges at once
+    /// (rule 12).
     defer: bool,
 }
 
@@ -775,9 +776,9 @@ impl AckOffload {
 
     /// The frame `remote_rx` returned `token` for is published: emit the
     /// early ACK if the rules allow (rule 3). Appends it to `out` (an
-    /// Ethernet frame for the tap) and returns whether it did. The ACK of a
-    /// single full-sized segment waits for the flow's next segment or for
-    /// [`AckOffload::flush_acks`] at the end of the RX batch (rule 12).
+    /// Ethernet frame for the tap) and returns whether it did. The ACK of
+    /// full-sized segments waits for [`AckOffload::flush_acks`] at the end
+    /// of the RX batch, or for the flow's 64 KB of them (rule 12).
     pub fn remote_published(&mut self, token: &RxToken, out: &mut Vec<u8>) -> bool {
         if token.defer {
             self.deferred.push(*token);
