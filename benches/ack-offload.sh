@@ -729,43 +729,6 @@ vsnoop_cpu_ticks() {
     [[ -n ${VSNOOP_PID:-} ]] && awk '{ print $14 + $15 }' "/proc/$VSNOOP_PID/stat" 2>/dev/null || echo 0
 }
 
-# Where vsnoop's CPU went during a bulk run (BULK_PERF=1): perf script
-# output on stdin, prints "category=share;..." (shares of the samples). A
-# sample belongs to the first category whose kernel frame is in its stack,
-# else by its leaf: libc memcpy/memmove (the custody copy, header copies),
-# other user code, other kernel code. Only kernel stacks are whole (vsnoop
-# and libc have no frame pointers), so user samples go by their leaf.
-PERF_SPLIT='
-import re, sys
-cats = [("host_stack", r"\b(tcp_v[46]_rcv|handle_softirqs)\b"), ("tap_write", r"\btun_(chr_write_iter|get_user)\b"),
-        ("tap_read", r"\btun_(chr_read_iter|do_read)\b"), ("notify", r"\beventfd_(write|signal)\b"),
-        ("other_syscalls", r"\b(do_syscall_64|entry_SYSCALL_64)")]
-count = {c: 0 for c, _ in cats}
-count.update(user_memcpy=0, user_other=0, kernel_other=0)
-samples, stack = 0, []
-for line in sys.stdin.read().split("\n") + [""]:
-    if line.strip():
-        stack.append(line)
-        continue
-    if not stack:
-        continue
-    samples += 1
-    text = "\n".join(stack)
-    cat = next((c for c, pat in cats if re.search(pat, text)), None)
-    if cat is None:
-        leaf = stack[0]
-        if "kernel.kallsyms" in leaf:
-            cat = "kernel_other"
-        elif re.search(r"mem(cpy|move)", leaf):
-            cat = "user_memcpy"
-        else:
-            cat = "user_other"
-    count[cat] += 1
-    stack = []
-if samples:
-    print(";".join("%s=%.4f" % (c, n / samples) for c, n in count.items()))
-'
-
 # Prints "Mbit/s,vsnoop CPU us per MB received,of which the host network stack's,
 # the split,the sending iperf3's CPU us per MB" (vsnoop's CPU empty without
 # vsnoop; the next two columns empty unless BULK_PERF=1; the split is
@@ -773,22 +736,16 @@ if samples:
 iperf_once() { # label
     local t0 t1 perf_pid="" perf_data="$WORK/perf.data" split=""
     if [[ $BULK_PERF == 1 && -n ${VSNOOP_PID:-} ]]; then
-        rm -f "$perf_data"
-        perf record -q -F 999 -g -p "$VSNOOP_PID" -o "$perf_data" 2>>"$WORK/perf.log" &
-        perf_pid=$!
-        sleep 0.5
+        perf_begin "$VSNOOP_PID" "$perf_data" "$WORK/perf.log"
+        perf_pid=$PERF_PID
     fi
     t0=$(vsnoop_cpu_ticks)
     host iperf3 -c "$GUEST_IP" -C "$SENDER_CC" -t "$IPERF_TIME" -J >"$WORK/iperf.json" 2>&1 \
         || die "iperf3 ($1) failed: $(tail -5 "$WORK/iperf.json")"
     t1=$(vsnoop_cpu_ticks)
     if [[ -n $perf_pid ]]; then
-        kill -INT "$perf_pid"
-        local prc=0
-        wait "$perf_pid" || prc=$?
-        # 130: perf record ends on SIGINT by exiting with 128 + 2.
-        [[ $prc == 0 || $prc == 130 ]] || die "perf record failed ($prc): $(tail -3 "$WORK/perf.log")"
-        split=$(perf script -i "$perf_data" -F ip,sym,dso 2>>"$WORK/perf.log" | "$PYTHON" -c "$PERF_SPLIT")
+        perf_end "$perf_pid" "$perf_data" "$WORK/perf.log"
+        split=$PERF_RESULT
     fi
     "$PYTHON" -c '
 import json, sys

@@ -26,3 +26,60 @@ wait_for() { # seconds description command...
         sleep 0.2
     done
 }
+
+# Where a process's CPU went (the benchmarks' perf options): perf script
+# output on stdin, prints "category=share;..." (shares of the samples). A
+# sample belongs to the first category whose kernel frame is in its stack,
+# else by its leaf: libc memcpy/memmove (the custody copy, header copies),
+# other user code, other kernel code. Only kernel stacks are whole (vsnoop
+# and libc have no frame pointers), so user samples go by their leaf.
+PERF_SPLIT='
+import re, sys
+cats = [("host_stack", r"\b(tcp_v[46]_rcv|handle_softirqs)\b"), ("tap_write", r"\btun_(chr_write_iter|get_user)\b"),
+        ("tap_read", r"\btun_(chr_read_iter|do_read)\b"), ("notify", r"\beventfd_(write|signal)\b"),
+        ("other_syscalls", r"\b(do_syscall_64|entry_SYSCALL_64)")]
+count = {c: 0 for c, _ in cats}
+count.update(user_memcpy=0, user_other=0, kernel_other=0)
+samples, stack = 0, []
+for line in sys.stdin.read().split("\n") + [""]:
+    if line.strip():
+        stack.append(line)
+        continue
+    if not stack:
+        continue
+    samples += 1
+    text = "\n".join(stack)
+    cat = next((c for c, pat in cats if re.search(pat, text)), None)
+    if cat is None:
+        leaf = stack[0]
+        if "kernel.kallsyms" in leaf:
+            cat = "kernel_other"
+        elif re.search(r"mem(cpy|move)", leaf):
+            cat = "user_memcpy"
+        else:
+            cat = "user_other"
+    count[cat] += 1
+    stack = []
+if samples:
+    print(";".join("%s=%.4f" % (c, n / samples) for c, n in count.items()))
+'
+
+# perf record -g at 999 Hz on one process into `data`, in the background
+# (its PID in PERF_PID); errors go to `logfile`.
+perf_begin() { # pid data logfile
+    rm -f "$2"
+    perf record -q -F 999 -g -p "$1" -o "$2" 2>>"$3" &
+    PERF_PID=$!
+    sleep 0.5
+}
+
+# Ends perf_begin's recording and sets PERF_RESULT to its PERF_SPLIT line
+# (not a command substitution: perf must be this shell's child to be reaped).
+perf_end() { # perf_pid data logfile
+    local rc=0
+    kill -INT "$1"
+    wait "$1" || rc=$?
+    # 130: perf record ends on SIGINT by exiting with 128 + 2.
+    [[ $rc == 0 || $rc == 130 ]] || die "perf record failed ($rc): $(tail -3 "$3")"
+    PERF_RESULT=$(perf script -i "$2" -F ip,sym,dso 2>>"$3" | "${PYTHON:-python3}" -c "$PERF_SPLIT")
+}

@@ -26,6 +26,10 @@
 #   CPU         [0]      the CPU of vsnoop, iperf3 and testpmd's main lcore
 #   FWD_CPU     [1]      the CPU of testpmd's forwarding lcore
 #   PIN         [1]      pin vsnoop and iperf3 to CPU (0: leave them free)
+#   PERF        [0]      1: perf record -g on vsnoop during every run; the table
+#                        then splits vsnoop's CPU per MB into parts (PERF_SPLIT
+#                        in benches/lib.sh), and the last run of each state
+#                        stays in target/bench-results/PREFIX-perf-STATE.data
 #   VSNOOP      [target/release/vsnoop]  the binary (built if missing)
 #   PREFIX      [offload-fast-receiver]  results in benches/results/PREFIX.{md,csv}
 # Needs root, dpdk-testpmd (apt dpdk-dev), iperf3, iproute2, python3.
@@ -44,11 +48,15 @@ FWD_CPU=${FWD_CPU:-1}
 PIN=${PIN:-1}
 VSNOOP=${VSNOOP:-target/release/vsnoop}
 PREFIX=${PREFIX:-offload-fast-receiver}
+PERF=${PERF:-0}
 
 [ "$(id -u)" = 0 ] || die "run as root (network namespaces, taps)"
 for tool in dpdk-testpmd iperf3 ip python3 taskset; do
     command -v "$tool" >/dev/null || die "missing $tool"
 done
+if [[ $PERF == 1 ]]; then
+    command -v perf >/dev/null || die "PERF=1 needs perf (apt-get install linux-perf)"
+fi
 [[ $PAIRS =~ ^[1-9][0-9]*$ ]] || die "PAIRS must be a positive integer"
 if [ ! -x "$VSNOOP" ]; then
     log "building $VSNOOP"
@@ -104,28 +112,45 @@ PIDS+=($!)
 wait_for 10 "iperf3 -s" ip netns exec "$NS_B" ss -ltn 'sport = :5201'
 
 stats() { "$VSNOOP" stats --control "$WORK/control.sock" --json; }
+# "early ACKs,guest ACKs suppressed,guest ACKs rewritten" so far.
+offload_counts() {
+    stats | python3 -c 'import json,sys; o = json.load(sys.stdin)["offload"]
+print("%d,%d,%d" % (o["early_acks"], o["guest_acks_suppressed"], o["guest_acks_rewritten"]))'
+}
 CSV=benches/results/$PREFIX.csv
 mkdir -p benches/results
-echo "pair,offload,mbit_s,retransmits,vsnoop_cpu_us_per_mb,early_acks" >"$CSV"
+echo "pair,offload,mbit_s,retransmits,vsnoop_cpu_us_per_mb,early_acks,guest_acks_suppressed,guest_acks_rewritten,perf_split" >"$CSV"
 
 run() { # pair state
-    local pair=$1 state=$2 t0 t1 e0 e1 out
+    local pair=$1 state=$2 t0 t1 e0 e1 out split=""
     "$VSNOOP" ack-offload --control "$WORK/control.sock" "$state" >/dev/null
-    e0=$(stats | python3 -c 'import json,sys; print(json.load(sys.stdin)["offload"]["early_acks"])')
+    e0=$(offload_counts)
+    [[ $PERF == 1 ]] && perf_begin "$VSNOOP_PID" "$WORK/perf.data" "$WORK/perf.log"
     t0=$(cpu_ticks "$VSNOOP_PID")
     out=$(ip netns exec "$NS_A" bash -c "$( [ "$PIN" = 1 ] && echo "taskset -c $CPU" ) iperf3 -c 10.77.0.2 -t $IPERF_TIME -C $SENDER_CC -J") ||
         die "iperf3 failed ($state, pair $pair): $(tail -c 400 <<<"$out")"
     t1=$(cpu_ticks "$VSNOOP_PID")
-    e1=$(stats | python3 -c 'import json,sys; print(json.load(sys.stdin)["offload"]["early_acks"])')
+    if [[ $PERF == 1 ]]; then
+        perf_end "$PERF_PID" "$WORK/perf.data" "$WORK/perf.log"
+        split=$PERF_RESULT
+        mkdir -p target/bench-results
+        cp "$WORK/perf.data" "target/bench-results/$PREFIX-perf-$state.data"
+    fi
+    e1=$(offload_counts)
     printf '%s' "$out" >"$WORK/iperf3.json"
-    python3 - "$WORK/iperf3.json" "$pair" "$state" "$((t1 - t0))" "$((e1 - e0))" "$(getconf CLK_TCK)" >>"$CSV" <<'EOF'
+    python3 - "$WORK/iperf3.json" "$pair" "$state" "$((t1 - t0))" "$e0" "$e1" "$(getconf CLK_TCK)" "$split" >>"$CSV" <<'EOF'
 import json, sys
-pair, state, ticks, early, hz = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+pair, state, ticks, hz = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[7])
+# Early ACKs, guest ACKs suppressed and rewritten during the run.
+counts = [b - a for a, b in zip(map(int, sys.argv[5].split(",")), map(int, sys.argv[6].split(",")))]
+# perf's shares of the samples, as us of vsnoop's CPU per MB.
 r = json.load(open(sys.argv[1]))["end"]
 recv = r["sum_received"]
 mb = recv["bytes"] / 1e6
+cpu = ticks / hz * 1e6 / mb
+split = ";".join(f"{k}={float(v) * cpu:.1f}" for k, v in (kv.split("=") for kv in sys.argv[8].split(";") if kv))
 print(f"{pair},{state},{recv['bits_per_second'] / 1e6:.1f},{r['sum_sent'].get('retransmits', 0)},"
-      f"{ticks / hz * 1e6 / mb:.1f},{early}")
+      f"{cpu:.1f},{','.join(map(str, counts))},{split}")
 EOF
     log "pair $pair offload $state: $(tail -1 "$CSV" | cut -d, -f3) Mbit/s"
 }
@@ -155,17 +180,30 @@ cpu = [float(p["on"]["vsnoop_cpu_us_per_mb"]) / float(p["off"]["vsnoop_cpu_us_pe
 print(f"# {prefix}\n\n{version}; {pairs} ABBA pairs of {secs} s iperf3 runs, sender {cc}, "
       f"{'vsnoop and iperf3 pinned to one CPU' if pin == '1' else 'vsnoop and iperf3 unpinned'}, "
       "testpmd's forwarding lcore on the other.\n")
-print("| offload | runs | Mbit/s median (min-max) | vsnoop CPU us/MB | sender retransmits | early ACKs per run |")
-print("|---|---:|---:|---:|---:|---:|")
+print("| offload | runs | Mbit/s median (min-max) | vsnoop CPU us/MB | sender retransmits | early ACKs per run | guest ACKs suppressed / rewritten per run |")
+print("|---|---:|---:|---:|---:|---:|---:|")
 for state in ("off", "on"):
     rs = [r for r in rows if r["offload"] == state]
     mbit = [float(r["mbit_s"]) for r in rs]
     print(f"| {state} | {len(rs)} | {med(mbit):.0f} ({min(mbit):.0f}-{max(mbit):.0f}) | "
           f"{med([float(r['vsnoop_cpu_us_per_mb']) for r in rs]):.0f} | "
-          f"{med([int(r['retransmits']) for r in rs]):.0f} | {med([int(r['early_acks']) for r in rs]):.0f} |")
+          f"{med([int(r['retransmits']) for r in rs]):.0f} | {med([int(r['early_acks']) for r in rs]):.0f} | "
+          f"{med([int(r['guest_acks_suppressed']) for r in rs]):.0f} / {med([int(r['guest_acks_rewritten']) for r in rs]):.0f} |")
 lo, hi = boot(ratio)
 clo, chi = boot(cpu)
 print(f"\nPaired on/off: throughput {med(ratio):.3f} (95 % bootstrap range of the median {lo:.3f}-{hi:.3f}); "
       f"vsnoop CPU per MB {med(cpu):.3f} ({clo:.3f}-{chi:.3f}).")
+def parts(r): return {k: float(v) for k, v in (kv.split("=") for kv in r["perf_split"].split(";") if kv)}
+if any(r["perf_split"] for r in rows):
+    print("\nWhere vsnoop's CPU went (perf samples, `PERF_SPLIT` in benches/lib.sh), us per MB received, "
+          "medians, and the median of the per-pair differences:\n")
+    print("| part | off | on | on - off (95 % range) |")
+    print("|---|---:|---:|---:|")
+    pairs_ = [p for p in by.values() if "on" in p and "off" in p]
+    for k in parts(rows[0]):
+        d = [parts(p["on"])[k] - parts(p["off"])[k] for p in pairs_]
+        lo, hi = boot(d)
+        print(f"| {k} | {med([parts(r)[k] for r in rows if r['offload'] == 'off']):.0f} | "
+              f"{med([parts(r)[k] for r in rows if r['offload'] == 'on']):.0f} | {med(d):+.0f} ({lo:+.0f} to {hi:+.0f}) |")
 EOF
 cat "benches/results/$PREFIX.md"

@@ -719,6 +719,14 @@ impl AckOffload {
             let budget_ok = self.custody_bytes + len <= self.cfg.custody_budget;
             let keep =
                 matches!(flow.mode, Mode::Active | Mode::Offline(_)) && flow.custody.complete();
+            if keep && budget_ok && flow.custody.unbuffered() {
+                // A reused buffer is initialized and its pages are mapped:
+                // a fresh one faults in and zero-fills every page it grows by.
+                if let Some(buf) = self.spare.pop() {
+                    self.spare_bytes -= buf.capacity();
+                    flow.custody.give_buffer(buf);
+                }
+            }
             if checksum == RxChecksum::Unknown {
                 // Rule 4: verify the whole segment before anything is acknowledged.
                 let scratch = &mut self.scratch;
@@ -746,12 +754,6 @@ impl AckOffload {
                     self.custody_bytes += len;
                 }
             } else if keep && budget_ok {
-                if flow.custody.unbuffered() {
-                    if let Some(buf) = self.spare.pop() {
-                        self.spare_bytes -= buf.capacity();
-                        flow.custody.give_buffer(buf);
-                    }
-                }
                 let got = flow
                     .custody
                     .append(len, |off, b| copy_payload(start + off, b));

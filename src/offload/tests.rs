@@ -1547,3 +1547,27 @@ fn rule12_a_waiting_ack_follows_the_flows_mode() {
     assert!(h.flush().is_empty(), "no early ACK with the offload off");
     assert!(!h.eng.has_deferred_acks());
 }
+
+#[test]
+fn custody_reuses_a_spare_buffer_whether_or_not_the_checksum_is_verified() {
+    for checksum in [RxChecksum::Partial, RxChecksum::Unknown] {
+        let mut h = Harness::new(Conn::default());
+        h.handshake();
+        let s = h.next_seg(1000);
+        h.rx_frame(&build(&h.conn, false, &s), checksum).unwrap();
+        let ts = h.ts_g();
+        h.guest_ack(h.rseq, 1000, ts);
+        assert_eq!(
+            h.eng.spare.len(),
+            1,
+            "{checksum:?}: the emptied buffer is kept"
+        );
+        let s = h.next_seg(1000);
+        h.rx_frame(&build(&h.conn, false, &s), checksum).unwrap();
+        assert!(
+            h.eng.spare.is_empty(),
+            "{checksum:?}: the next segment's custody took the spare buffer (no fresh pages)"
+        );
+        assert_eq!(h.stats().custody_bytes, 1000);
+    }
+}
