@@ -404,6 +404,8 @@ pub struct AckOffload {
     to_guest: Vec<VecDeque<Vec<u8>>>,
     /// Frames for the tap (no virtio-net header).
     to_host: VecDeque<Vec<u8>>,
+    /// A segment's TCP header and payload, for checking its checksum
+    /// (rule 4); its length only grows.
     scratch: Vec<u8>,
     /// Custody buffers of flows the guest caught up with, for the next flow
     /// that keeps custody (at most a quarter of the custody budget, up to
@@ -729,12 +731,16 @@ impl AckOffload {
             }
             if checksum == RxChecksum::Unknown {
                 // Rule 4: verify the whole segment before anything is acknowledged.
-                let scratch = &mut self.scratch;
-                scratch.clear();
-                scratch.extend_from_slice(&headers[seg.tcp_at..seg.payload_at]);
-                let tcp_len = seg.payload_at - seg.tcp_at + seg.payload_len as usize;
-                scratch.resize(tcp_len, 0);
-                let got = copy_payload(seg.payload_at, &mut scratch[seg.payload_at - seg.tcp_at..]);
+                let hdr = seg.payload_at - seg.tcp_at;
+                let tcp_len = hdr + seg.payload_len as usize;
+                // Grown, never shrunk: zero-filling it for every segment
+                // before the copy overwrites it showed in profiles.
+                if self.scratch.len() < tcp_len {
+                    self.scratch.resize(tcp_len, 0);
+                }
+                let scratch = &mut self.scratch[..tcp_len];
+                scratch[..hdr].copy_from_slice(&headers[seg.tcp_at..seg.payload_at]);
+                let got = copy_payload(seg.payload_at, &mut scratch[hdr..]);
                 let ok = got == seg.payload_len as usize && wire::tcp_checksum_ok(&seg, scratch);
                 inc(&self.counters.checksums_verified);
                 if !ok {
