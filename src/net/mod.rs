@@ -425,11 +425,9 @@ mod helper_tests {
 
     #[test]
     fn reads_span_regions_and_stop_outside_guest_memory() {
-        let m = GuestMemory::from_ranges(&[
-            (GuestAddress(0), 0x1000),
-            (GuestAddress(0x1000), 0x1000),
-        ])
-        .unwrap();
+        let m =
+            GuestMemory::from_ranges(&[(GuestAddress(0), 0x1000), (GuestAddress(0x1000), 0x1000)])
+                .unwrap();
         let data: Vec<u8> = (1..=16).collect();
         m.write_slice(&data, GuestAddress(0xff8)).unwrap();
         let s = [
