@@ -1598,10 +1598,14 @@ fn dirty_log_marks_rx_buffers_and_used_ring() -> Result<()> {
     use std::os::fd::AsRawFd;
     use vhost::vhost_user::VhostUserProtocolFeatures;
     use vhost::VhostUserDirtyLogRegion;
-    let mut env = Env::start(&[]);
+    // 1024 entries: the used elements and index are on the ring's first page,
+    // avail_event (written through vm-memory) on its third, so a used-ring
+    // write that misses the log shows.
+    let mut env = Env::start(&["--queue-size", "1024"]);
     let mut rng = StdRng::seed_from_u64(26);
     let mut fe = env.connect(Options {
         log_shmfd: true,
+        queue_size: 1024,
         ..opts(F_MRG_RXBUF | F_EVENT_IDX, Order::Spec)
     })?;
     ensure!(
@@ -1625,12 +1629,14 @@ fn dirty_log_marks_rx_buffers_and_used_ring() -> Result<()> {
     env.wait_log_count("VHOST_F_LOG_ALL set", 1)?;
 
     // RX chains of a 12-byte header buffer and a page-aligned data page:
-    // the headers share pages, so only the readv writes the data pages.
+    // the headers share pages, so only the readv writes the data pages
+    // (and the readv and the num_buffers field the header pages).
     const CHAINS: usize = 64;
     let headers: Vec<u64> = (0..CHAINS)
         .map(|_| fe.mem.alloc(NET_HDR_LEN, 8))
         .collect::<Result<_>>()?;
     let mut data_pages = HashMap::new();
+    let mut header_of = HashMap::new();
     for &hdr in &headers {
         let data = fe.mem.alloc(4096, 4096)?;
         let vq = fe.rxq(0);
@@ -1644,6 +1650,7 @@ fn dirty_log_marks_rx_buffers_and_used_ring() -> Result<()> {
         );
         vq.write_desc(d[1], data, 4096, DESC_F_WRITE, 0);
         data_pages.insert(u32::from(d[0]), data);
+        header_of.insert(u32::from(d[0]), hdr);
         let chain = Chain {
             descs: d.clone(),
             allocs: vec![hdr, data],
@@ -1682,6 +1689,12 @@ fn dirty_log_marks_rx_buffers_and_used_ring() -> Result<()> {
         ensure!(
             log.dirty(elem),
             "used element page {elem:#x} is not dirty in the log"
+        );
+        // The header: the tap's readv and then num_buffers wrote it.
+        let hdr = header_of[&id];
+        ensure!(
+            log.dirty(hdr),
+            "header page {hdr:#x} of chain {id} is not dirty in the log"
         );
         checked += 1;
         i = i.wrapping_add(1);

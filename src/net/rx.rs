@@ -162,13 +162,13 @@ impl RxState {
 
     /// Copies a whole packet (virtio-net header first) into the held chains
     /// from the front; the caller checked that they can hold it.
-    fn copy_into_held(&self, mem: &GuestMemory, packet: &[u8]) {
+    fn copy_into_held(&self, mem: &GuestMemory, packet: &[u8], log: bool) {
         let mut copied = 0;
         for chain in self.held.iter() {
             if copied == packet.len() {
                 break;
             }
-            copied += copy_to_segments(mem, &chain.segments, 0, &packet[copied..]);
+            copied += copy_to_segments(mem, &chain.segments, 0, &packet[copied..], log);
         }
     }
 
@@ -210,6 +210,7 @@ impl RxState {
         want: usize,
         hdr_len: usize,
         m: &QueueMetrics,
+        log: bool,
     ) {
         while self.held_bytes < want {
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
@@ -243,7 +244,7 @@ impl RxState {
                     };
                     QueueMetrics::inc(counter);
                     self.spare.push(segments);
-                    if self.used.publish(queue, mem, &[(head, 0)]).is_err() {
+                    if self.used.publish(queue, mem, &[(head, 0)], log).is_err() {
                         QueueMetrics::inc(&m.bad_head_index);
                     }
                 }
@@ -315,7 +316,8 @@ impl QueuePair {
         let m = self.metrics.clone();
         loop {
             let want = if mergeable { max_packet } else { 1 };
-            self.rx.refill(queue, mem, want, hdr_len, &m);
+            self.rx
+                .refill(queue, mem, want, hdr_len, &m, self.negotiated.log_all);
             let capacity = if mergeable {
                 self.rx.held_bytes
             } else {
@@ -384,7 +386,7 @@ impl QueuePair {
                         self.wait_for_buffers(queue, mem)?;
                         continue;
                     }
-                    self.rx.copy_into_held(mem, &self.rx.bounce[..len]);
+                    self.rx.copy_into_held(mem, &self.rx.bounce[..len], log_all);
                     QueueMetrics::inc(&m.rx_bounced);
                     self.rx.pending = 0;
                     (len, self.rx.pending_stamp)
@@ -434,6 +436,7 @@ impl QueuePair {
                     &first.segments,
                     NUM_BUFFERS_OFFSET,
                     &used.to_le_bytes(),
+                    self.negotiated.log_all,
                 );
             }
         }
@@ -481,7 +484,11 @@ impl QueuePair {
             offload_state = flow.map(|f| (engine, f));
         }
         // All buffers of the packet become visible to the guest at once.
-        let published = self.rx.used.publish(queue, mem, &self.rx.entries).is_ok();
+        let published = self
+            .rx
+            .used
+            .publish(queue, mem, &self.rx.entries, self.negotiated.log_all)
+            .is_ok();
         if !published {
             QueueMetrics::inc(&m.bad_head_index);
         }
@@ -542,7 +549,8 @@ impl QueuePair {
         for frame in frames.drain(..) {
             let len = hdr_len + frame.len();
             let want = if self.negotiated.mergeable { len } else { 1 };
-            self.rx.refill(queue, mem, want, hdr_len, &m);
+            self.rx
+                .refill(queue, mem, want, hdr_len, &m, self.negotiated.log_all);
             let capacity = if self.negotiated.mergeable {
                 self.rx.held_bytes
             } else {
@@ -555,7 +563,8 @@ impl QueuePair {
             packet.clear();
             packet.resize(hdr_len, 0);
             packet.extend_from_slice(&frame);
-            self.rx.copy_into_held(mem, &packet);
+            self.rx
+                .copy_into_held(mem, &packet, self.negotiated.log_all);
             self.publish(queue, mem, len, 0);
             QueueMetrics::inc(&m.offload_frames_delivered);
             delivered += 1;

@@ -98,7 +98,12 @@ impl QueuePair {
                         QueueMetrics::inc(&self.metrics.bad_head_index);
                     }
                 }
-                if let Err(e) = self.tx.used.publish(state.get_queue_mut(), mem, entries) {
+                let log = self.negotiated.log_all;
+                if let Err(e) = self
+                    .tx
+                    .used
+                    .publish(state.get_queue_mut(), mem, entries, log)
+                {
                     warn!("queue pair {}: cannot return TX buffers: {e}", self.index);
                 }
                 notify_guest(&mut self.tx.used, &mut state, mem);

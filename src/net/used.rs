@@ -11,9 +11,10 @@
 use std::num::Wrapping;
 use std::sync::atomic::{fence, Ordering};
 
+use super::{load_guest_u16, store_guest_u16, write_guest};
 use crate::GuestMemory;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::GuestAddress;
 
 /// VRING_AVAIL_F_NO_INTERRUPT.
 const AVAIL_F_NO_INTERRUPT: u16 = 1;
@@ -45,11 +46,14 @@ impl UsedRing {
     /// Writes one used element per `(head, len)` and then publishes them all
     /// with one used-index store. Entries with a head outside the queue are
     /// skipped and reported (the first one) after the rest are published.
+    /// `log`: VHOST_F_LOG_ALL is on (the writes bypass vm-memory's dirty
+    /// bitmap and mark the log themselves).
     pub fn publish(
         &mut self,
         queue: &mut Queue,
         mem: &GuestMemory,
         entries: &[(u16, u32)],
+        log: bool,
     ) -> Result<(), UsedError> {
         let size = queue.size();
         if size == 0 {
@@ -70,7 +74,7 @@ impl UsedRing {
             }
             let slot = next.0 % size;
             if count == 64 || (count > 0 && slot == 0) {
-                write_run(mem, ring, run_start, &staged[..8 * count])?;
+                write_run(mem, ring, run_start, &staged[..8 * count], log)?;
                 count = 0;
             }
             if count == 0 {
@@ -82,13 +86,14 @@ impl UsedRing {
             next += Wrapping(1);
         }
         if count > 0 {
-            write_run(mem, ring, run_start, &staged[..8 * count])?;
+            write_run(mem, ring, run_start, &staged[..8 * count], log)?;
         }
         queue.set_next_used(next.0);
         let idx_addr = ring.0.checked_add(2).ok_or(UsedError::RingUnmapped)?;
         // Release: the elements above are visible before the index is.
-        mem.store(next.0.to_le(), GuestAddress(idx_addr), Ordering::Release)
-            .map_err(|_| UsedError::RingUnmapped)?;
+        if !store_guest_u16(mem, GuestAddress(idx_addr), next.0, log) {
+            return Err(UsedError::RingUnmapped);
+        }
         bad.map_or(Ok(()), Err)
     }
 
@@ -102,11 +107,10 @@ impl UsedRing {
         let avail = queue.avail_ring();
         if queue.event_idx_enabled() {
             let event_addr = avail + 4 + 2 * u64::from(queue.size());
-            let Ok(used_event) = mem.load::<u16>(GuestAddress(event_addr), Ordering::Acquire)
-            else {
+            let Some(used_event) = load_guest_u16(mem, GuestAddress(event_addr)) else {
                 return true;
             };
-            let used_event = Wrapping(u16::from_le(used_event));
+            let used_event = Wrapping(used_event);
             let old = self.signalled.replace(new);
             match old {
                 None => true,
@@ -115,9 +119,9 @@ impl UsedRing {
             }
         } else {
             self.signalled = Some(new);
-            match mem.load::<u16>(GuestAddress(avail), Ordering::Acquire) {
-                Ok(flags) => u16::from_le(flags) & AVAIL_F_NO_INTERRUPT == 0,
-                Err(_) => true,
+            match load_guest_u16(mem, GuestAddress(avail)) {
+                Some(flags) => flags & AVAIL_F_NO_INTERRUPT == 0,
+                None => true,
             }
         }
     }
@@ -129,18 +133,23 @@ fn write_run(
     ring: GuestAddress,
     slot: u16,
     elems: &[u8],
+    log: bool,
 ) -> Result<(), UsedError> {
     let addr = ring
         .0
         .checked_add(4 + 8 * u64::from(slot))
         .ok_or(UsedError::RingUnmapped)?;
-    mem.write_slice(elems, GuestAddress(addr))
-        .map_err(|_| UsedError::RingUnmapped)
+    if write_guest(mem, GuestAddress(addr), elems, log) {
+        Ok(())
+    } else {
+        Err(UsedError::RingUnmapped)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vm_memory::Bytes;
 
     fn setup(event_idx: bool) -> (GuestMemory, Queue) {
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
@@ -162,7 +171,7 @@ mod tests {
     fn publishes_all_elements_with_one_index_update() {
         let (mem, mut q) = setup(false);
         let mut used = UsedRing::default();
-        used.publish(&mut q, &mem, &[(3, 100), (7, 200), (1, 50)])
+        used.publish(&mut q, &mem, &[(3, 100), (7, 200), (1, 50)], false)
             .unwrap();
         assert_eq!(used_idx(&mem), 3);
         assert_eq!(q.next_used(), 3);
@@ -175,7 +184,7 @@ mod tests {
     fn bad_heads_are_skipped_and_reported() {
         let (mem, mut q) = setup(false);
         let mut used = UsedRing::default();
-        let r = used.publish(&mut q, &mem, &[(3, 1), (99, 1), (4, 1)]);
+        let r = used.publish(&mut q, &mem, &[(3, 1), (99, 1), (4, 1)], false);
         assert_eq!(r, Err(UsedError::BadIndex(99)));
         assert_eq!(used_idx(&mem), 2);
     }
@@ -185,7 +194,8 @@ mod tests {
         let (mem, mut q) = setup(false);
         q.set_next_used(15);
         let mut used = UsedRing::default();
-        used.publish(&mut q, &mem, &[(1, 1), (2, 2)]).unwrap();
+        used.publish(&mut q, &mem, &[(1, 1), (2, 2)], false)
+            .unwrap();
         assert_eq!(used_idx(&mem), 17);
         let slot0: u32 = mem.read_obj(GuestAddress(0x2004)).unwrap();
         assert_eq!(slot0, 2);
@@ -196,7 +206,9 @@ mod tests {
         let (mem, mut q) = setup(false);
         q.set_next_used(10);
         let entries: Vec<(u16, u32)> = (0..100u32).map(|i| ((i % 16) as u16, i)).collect();
-        UsedRing::default().publish(&mut q, &mem, &entries).unwrap();
+        UsedRing::default()
+            .publish(&mut q, &mem, &entries, false)
+            .unwrap();
         assert_eq!(used_idx(&mem), 110);
         // The last element (i = 99) sits in slot 109 % 16 = 13.
         let id: u32 = mem.read_obj(GuestAddress(0x2004 + 8 * 13)).unwrap();
@@ -210,17 +222,19 @@ mod tests {
         let mut used = UsedRing::default();
         let used_event = GuestAddress(0x1000 + 4 + 2 * 16);
         mem.write_obj(5u16, used_event).unwrap();
-        used.publish(&mut q, &mem, &[(0, 1), (1, 1)]).unwrap();
+        used.publish(&mut q, &mem, &[(0, 1), (1, 1)], false)
+            .unwrap();
         assert!(
             used.needs_notification(&q, &mem),
             "first decision always notifies"
         );
-        used.publish(&mut q, &mem, &[(2, 1), (3, 1)]).unwrap(); // idx 2 -> 4
+        used.publish(&mut q, &mem, &[(2, 1), (3, 1)], false)
+            .unwrap(); // idx 2 -> 4
         assert!(!used.needs_notification(&q, &mem));
-        used.publish(&mut q, &mem, &[(4, 1), (5, 1), (6, 1)])
+        used.publish(&mut q, &mem, &[(4, 1), (5, 1), (6, 1)], false)
             .unwrap(); // 4 -> 7 crosses 5
         assert!(used.needs_notification(&q, &mem));
-        used.publish(&mut q, &mem, &[(7, 1)]).unwrap();
+        used.publish(&mut q, &mem, &[(7, 1)], false).unwrap();
         assert!(!used.needs_notification(&q, &mem));
     }
 
@@ -228,7 +242,7 @@ mod tests {
     fn without_event_idx_the_avail_flag_decides() {
         let (mem, mut q) = setup(false);
         let mut used = UsedRing::default();
-        used.publish(&mut q, &mem, &[(0, 1)]).unwrap();
+        used.publish(&mut q, &mem, &[(0, 1)], false).unwrap();
         assert!(used.needs_notification(&q, &mem));
         mem.write_obj(AVAIL_F_NO_INTERRUPT, GuestAddress(0x1000))
             .unwrap();
