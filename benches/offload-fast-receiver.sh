@@ -26,6 +26,11 @@
 #   CPU         [0]      the CPU of vsnoop, iperf3 and testpmd's main lcore
 #   FWD_CPU     [1]      the CPU of testpmd's forwarding lcore
 #   PIN         [1]      pin vsnoop and iperf3 to CPU (0: leave them free)
+#   CSUM        [0]      1: the frontend negotiates checksum offload, as a Linux
+#                        guest does (testpmd --rx-offloads=0x8, csum forwarding
+#                        with the tap port's TCP checksum offload): vsnoop gets
+#                        the tap's partial checksums and verifies nothing; 0:
+#                        no checksum offload, vsnoop verifies every segment
 #   PERF        [0]      1: perf record -g on vsnoop during every run; the table
 #                        then splits vsnoop's CPU per MB into parts (PERF_SPLIT
 #                        in benches/lib.sh), and the last run of each state
@@ -49,6 +54,7 @@ PIN=${PIN:-1}
 VSNOOP=${VSNOOP:-target/release/vsnoop}
 PREFIX=${PREFIX:-offload-fast-receiver}
 PERF=${PERF:-0}
+CSUM=${CSUM:-0}
 
 [ "$(id -u)" = 0 ] || die "run as root (network namespaces, taps)"
 for tool in dpdk-testpmd iperf3 ip python3 taskset; do
@@ -69,8 +75,13 @@ NS_A=vfrA$$
 NS_B=vfrB$$
 PIDS=()
 cleanup() {
-    local pid
+    local rc=$? pid
     for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
+    if ((rc != 0)); then
+        mkdir -p "target/bench-results/$PREFIX-logs"
+        cp "$WORK"/*.log "target/bench-results/$PREFIX-logs/" 2>/dev/null || true
+        log "logs kept in target/bench-results/$PREFIX-logs"
+    fi
     ip netns del "$NS_A" 2>/dev/null || true
     ip netns del "$NS_B" 2>/dev/null || true
     rm -rf "$WORK"
@@ -93,9 +104,20 @@ VSNOOP_PID=$!
 wait_for 20 "vsnoop's socket" test -S "$WORK/vhost.sock"
 
 log "testpmd (virtio-user -> net_tap dt0) in $NS_B, forwarding lcore on CPU $FWD_CPU"
+ip -n "$NS_A" link set vt0 address 02:77:00:00:00:01
+FWD=(--forward-mode=io)
+if [[ $CSUM == 1 ]]; then
+    # The tap port (1) computes the TCP checksums of what the virtio port
+    # received with a partial one (net_tap does it in software, on testpmd's CPU).
+    printf '%s\n' "port stop all" "csum set tcp hw 1" "port start all" >"$WORK/testpmd.cmds"
+    # csum forwarding also rewrites the Ethernet addresses (to the peer's and
+    # the port's own), so the peers are the two kernel ends, whose MACs are set.
+    FWD=(--rx-offloads=0x8 --forward-mode=csum --cmdline-file="$WORK/testpmd.cmds"
+        --eth-peer=0,02:77:00:00:00:01 --eth-peer=1,02:77:00:00:00:02)
+fi
 ip netns exec "$NS_B" dpdk-testpmd --no-pci --no-huge -m 1024 --file-prefix "vfr$$" \
     --lcores "0@$CPU,1@$FWD_CPU" --vdev "net_virtio_user0,path=$WORK/vhost.sock,queues=1" \
-    --vdev "net_tap0,iface=dt0" -- --forward-mode=io --auto-start --stats-period 60 \
+    --vdev "net_tap0,iface=dt0,mac=02:77:00:00:00:02" -- "${FWD[@]}" --auto-start --stats-period 60 \
     </dev/null >"$WORK/testpmd.log" 2>&1 &
 PIDS+=($!)
 wait_for 60 "testpmd's tap dt0" ip -n "$NS_B" link show dt0

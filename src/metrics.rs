@@ -68,12 +68,24 @@ queue_counters! {
     tx_drop_tap_write,
     /// Avail-ring heads that named a descriptor outside the queue (cannot be returned).
     bad_head_index,
+    /// Times a ring was found with its avail index more than a ring ahead
+    /// of the buffers the device took (broken or hostile driver): the ring
+    /// is left alone until the guest resets the device.
+    bad_avail_index,
     /// Frames the ACK offload generated and wrote to the tap (early ACKs, resets).
     offload_frames_sent,
     /// Frames the ACK offload generated that the tap refused.
     offload_frames_failed,
     /// Frames the ACK offload delivered into the RX ring (custody re-delivery, resets).
     offload_frames_delivered,
+    /// RX batches: runs of frames published between two notification
+    /// decisions (`rx_packets / rx_batches` is the mean batch).
+    rx_batches,
+    /// Interrupts sent to the guest for its RX ring (EVENT_IDX or the ring
+    /// flags said it wanted one).
+    rx_notifications,
+    /// Interrupts sent to the guest for its TX ring.
+    tx_notifications,
 }
 
 impl QueueMetrics {

@@ -12,11 +12,14 @@ pub mod tx;
 pub mod used;
 pub mod vnet_hdr;
 
+use std::num::Wrapping;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 
+use log::warn;
 use vhost_user_backend::VringRwLock;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress,
@@ -297,6 +300,45 @@ pub fn mark_dirty(mem: &GuestMemory, segments: &[Segment], mut len: usize) {
             region.bitmap().mark_dirty(offset as usize, n);
             left -= n;
             addr = addr.unchecked_add(n as u64);
+        }
+    }
+}
+
+/// Re-enables the guest's notifications for `queue` and says whether it
+/// has published buffers meanwhile (`Some(true)`: take them instead of
+/// waiting for a kick), or `None` if the ring is unusable. An avail index
+/// more than a ring ahead of ours is unusable: virtio-queue refuses to hand
+/// out chains while "new buffers" stays true, so taking them would spin. It
+/// is counted (`bad_avail_index`) and left alone until the guest resets it.
+pub fn ring_has_new_buffers(
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    metrics: &QueueMetrics,
+    (pair, ring): (usize, &str),
+) -> Option<bool> {
+    match queue.enable_notification(mem) {
+        Ok(false) => Some(false),
+        Ok(true) => {
+            let ahead = queue
+                .avail_idx(mem, Ordering::Acquire)
+                .map(|avail| (avail - Wrapping(queue.next_avail())).0);
+            match ahead {
+                Ok(n) if n <= queue.size() => Some(true),
+                _ => {
+                    if metrics.bad_avail_index.load(Ordering::Relaxed) == 0 {
+                        warn!(
+                            "queue pair {pair} {ring}: avail index more than a ring ahead \
+                             ({ahead:?} buffers); ring ignored until the guest resets it"
+                        );
+                    }
+                    QueueMetrics::inc(&metrics.bad_avail_index);
+                    None
+                }
+            }
+        }
+        Err(e) => {
+            warn!("queue pair {pair} {ring}: ring unusable: {e}");
+            None
         }
     }
 }

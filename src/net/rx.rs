@@ -23,8 +23,8 @@ use super::vnet_hdr::{
     FLAG_DATA_VALID, FLAG_NEEDS_CSUM, HDR_LEN_V1, MAX_FRAME_LEN, NUM_BUFFERS_OFFSET,
 };
 use super::{
-    copy_from_segments, copy_to_segments, mark_dirty, push_iovecs, IovecBuf, QueuePair, BATCH,
-    IOV_MAX,
+    copy_from_segments, copy_to_segments, mark_dirty, push_iovecs, ring_has_new_buffers, IovecBuf,
+    QueuePair, BATCH, IOV_MAX,
 };
 use crate::metrics::QueueMetrics;
 use crate::offload::wire::MAX_HEADERS;
@@ -268,8 +268,7 @@ impl QueuePair {
         let mut published = self.deliver_offload_frames(state.get_queue_mut(), mem);
         let stop = loop {
             if published >= BATCH {
-                self.flush_early_acks();
-                notify_guest(&mut self.rx.used, &mut state, mem);
+                self.end_rx_batch(&mut state, mem);
                 published = 0;
             }
             match self.receive_one(state.get_queue_mut(), mem) {
@@ -277,11 +276,27 @@ impl QueuePair {
                 Err(stop) => break stop,
             }
         };
-        self.flush_early_acks();
         if published > 0 {
-            notify_guest(&mut self.rx.used, &mut state, mem);
+            self.end_rx_batch(&mut state, mem);
+        } else {
+            self.flush_early_acks();
         }
         stop
+    }
+
+    /// The end of a batch of published frames: the early ACKs that waited
+    /// for it, then the guest's interrupt if it wants one.
+    fn end_rx_batch<G>(&mut self, state: &mut G, mem: &GuestMemory)
+    where
+        G: std::ops::DerefMut<
+            Target = vhost_user_backend::VringState<vm_memory::GuestMemoryAtomic<GuestMemory>>,
+        >,
+    {
+        self.flush_early_acks();
+        QueueMetrics::inc(&self.metrics.rx_batches);
+        if notify_guest(&mut self.rx.used, state, mem) {
+            QueueMetrics::inc(&self.metrics.rx_notifications);
+        }
     }
 
     /// Sends the early ACKs that waited for the end of the batch (rule 12:
@@ -576,27 +591,26 @@ impl QueuePair {
     /// No room for the next frame: ask the guest to kick us when it posts
     /// buffers. `Ok` means it already has (the caller retries).
     fn wait_for_buffers(&mut self, queue: &mut Queue, mem: &GuestMemory) -> Result<(), RxStop> {
-        match queue.enable_notification(mem) {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(RxStop::NoBuffers),
-            Err(e) => {
-                warn!("queue pair {}: RX ring unusable: {e}", self.index);
-                Err(RxStop::NotRunning)
-            }
+        match ring_has_new_buffers(queue, mem, &self.metrics, (self.index, "RX")) {
+            Some(true) => Ok(()),
+            Some(false) => Err(RxStop::NoBuffers),
+            None => Err(RxStop::NotRunning),
         }
     }
 }
 
 /// Signals the guest if the ring's notification rules (EVENT_IDX) ask for it.
-pub(super) fn notify_guest<G>(used: &mut UsedRing, state: &mut G, mem: &GuestMemory)
+pub(super) fn notify_guest<G>(used: &mut UsedRing, state: &mut G, mem: &GuestMemory) -> bool
 where
     G: std::ops::DerefMut<
         Target = vhost_user_backend::VringState<vm_memory::GuestMemoryAtomic<GuestMemory>>,
     >,
 {
-    if used.needs_notification(state.get_queue(), mem) {
-        if let Err(e) = state.signal_used_queue() {
-            warn!("cannot signal the guest: {e}");
-        }
+    if !used.needs_notification(state.get_queue(), mem) {
+        return false;
     }
+    if let Err(e) = state.signal_used_queue() {
+        warn!("cannot signal the guest: {e}");
+    }
+    true
 }

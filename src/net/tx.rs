@@ -14,7 +14,9 @@ use super::chain::{collect_segments, Access, ChainError, Segment};
 use super::rx::notify_guest;
 use super::used::UsedRing;
 use super::vnet_hdr::{VnetHdr, FLAG_NEEDS_CSUM, HDR_LEN_V1, MAX_FRAME_LEN};
-use super::{copy_from_segments, push_iovecs_from, IovecBuf, QueuePair, BATCH, IOV_MAX};
+use super::{
+    copy_from_segments, push_iovecs_from, ring_has_new_buffers, IovecBuf, QueuePair, BATCH, IOV_MAX,
+};
 use crate::metrics::QueueMetrics;
 use crate::offload::flow::TxVerdict;
 use crate::offload::wire::MAX_HEADERS;
@@ -106,15 +108,13 @@ impl QueuePair {
                 {
                     warn!("queue pair {}: cannot return TX buffers: {e}", self.index);
                 }
-                notify_guest(&mut self.tx.used, &mut state, mem);
-            }
-            match state.get_queue_mut().enable_notification(mem) {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    warn!("queue pair {}: TX ring unusable: {e}", self.index);
-                    break;
+                if notify_guest(&mut self.tx.used, &mut state, mem) {
+                    QueueMetrics::inc(&self.metrics.tx_notifications);
                 }
+            }
+            let ring = (self.index, "TX");
+            if ring_has_new_buffers(state.get_queue_mut(), mem, &self.metrics, ring) != Some(true) {
+                break;
             }
         }
     }
