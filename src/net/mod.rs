@@ -561,6 +561,38 @@ mod helper_tests {
     }
 
     #[test]
+    fn writes_and_u16_accesses_take_the_slow_path_across_regions_and_fail_outside() {
+        let m =
+            GuestMemory::from_ranges(&[(GuestAddress(0), 0x1000), (GuestAddress(0x1000), 0x1000)])
+                .unwrap();
+        let data: Vec<u8> = (1..=16).collect();
+        // Across the region boundary (vm-memory's path), then inside one.
+        assert!(write_guest(&m, GuestAddress(0xff8), &data, false));
+        assert!(write_guest(&m, GuestAddress(0x100), &data, true));
+        let mut back = [0u8; 16];
+        m.read_slice(&mut back, GuestAddress(0xff8)).unwrap();
+        assert_eq!(&back[..], &data[..]);
+        m.read_slice(&mut back, GuestAddress(0x100)).unwrap();
+        assert_eq!(&back[..], &data[..]);
+        assert!(!write_guest(&m, GuestAddress(0x1ff8), &data, false));
+        // The u16 fields are atomics: little-endian when aligned, refused
+        // (as by vm-memory) when not, or outside guest memory.
+        for addr in [0x200, 0xffe, 0x1ffe] {
+            assert!(store_guest_u16(&m, GuestAddress(addr), 0xbeef, false));
+            assert_eq!(load_guest_u16(&m, GuestAddress(addr)), Some(0xbeef));
+            let raw: [u8; 2] = m.read_obj(GuestAddress(addr)).unwrap();
+            assert_eq!(raw, 0xbeefu16.to_le_bytes(), "little-endian at {addr:#x}");
+        }
+        for addr in [0x301, 0xfff, 0x2000] {
+            assert!(
+                !store_guest_u16(&m, GuestAddress(addr), 1, false),
+                "{addr:#x}"
+            );
+            assert_eq!(load_guest_u16(&m, GuestAddress(addr)), None, "{addr:#x}");
+        }
+    }
+
+    #[test]
     fn iovecs_from_an_offset_skip_whole_and_partial_segments() {
         let m = mem();
         let s = segs();
