@@ -31,7 +31,8 @@
 #                        with the tap port's TCP checksum offload): vsnoop gets
 #                        the tap's partial checksums and verifies nothing; 0:
 #                        no checksum offload, vsnoop verifies every segment
-#   PERF        [0]      1: perf record -g on vsnoop during every run; the table
+#   PERF        [0]      1: perf record on vsnoop during every run (call graphs:
+#                        PERF_CALLGRAPH, fp or dwarf, see benches/lib.sh); the table
 #                        then splits vsnoop's CPU per MB into parts (PERF_SPLIT
 #                        in benches/lib.sh), and the last run of each state
 #                        stays in target/bench-results/PREFIX-perf-STATE.data
