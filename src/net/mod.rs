@@ -364,41 +364,58 @@ pub fn write_guest(mem: &GuestMemory, addr: GuestAddress, data: &[u8], log: bool
     true
 }
 
+/// Reads `buf.len()` bytes at `addr`; false if the range is not all guest
+/// memory. The counterpart of [`write_guest`]: vm-memory's read_slice costs a
+/// region iterator and two `Arc` updates of the dirty bitmap per call.
+pub fn read_guest(mem: &GuestMemory, addr: GuestAddress, buf: &mut [u8]) -> bool {
+    let Some(src) = host_address(mem, addr, buf.len()) else {
+        return mem.read_slice(buf, addr).is_ok();
+    };
+    // SAFETY: host_address checked that `[src, src + len)` lies inside one
+    // mapped region, which stays mapped while `mem` is borrowed; `buf` is
+    // our own memory, so the two do not overlap. The guest may write the
+    // range meanwhile: the bytes are then garbage, which every reader
+    // validates, as with vm-memory's own copy (also a memcpy).
+    unsafe { std::ptr::copy_nonoverlapping(src.cast_const(), buf.as_mut_ptr(), buf.len()) };
+    true
+}
+
+/// The `u16` field at `addr` as an atomic, when one region holds it and it
+/// is aligned (ring fields are); None sends the caller to vm-memory, which
+/// refuses what is unaligned or outside guest memory.
+fn guest_u16(mem: &GuestMemory, addr: GuestAddress) -> Option<&AtomicU16> {
+    let ptr = host_address(mem, addr, 2)?;
+    if ptr as usize % std::mem::align_of::<AtomicU16>() != 0 {
+        return None;
+    }
+    // SAFETY: two bytes of mapped guest memory (host_address), aligned for
+    // AtomicU16 (checked), which has the layout of u16; the mapping outlives
+    // the borrow of `mem` the reference carries.
+    Some(unsafe { AtomicU16::from_ptr(ptr.cast()) })
+}
+
 /// Stores a little-endian `u16` at `addr` with release ordering (a used
 /// index); false if it is not guest memory. Like [`write_guest`], marks the
 /// dirty log by hand, only if `log`.
 pub fn store_guest_u16(mem: &GuestMemory, addr: GuestAddress, value: u16, log: bool) -> bool {
-    match host_address(mem, addr, 2) {
-        Some(ptr) if ptr as usize % std::mem::align_of::<AtomicU16>() == 0 => {
-            // SAFETY: two bytes of mapped guest memory (host_address), aligned
-            // for AtomicU16 (checked), which has the layout of u16; the
-            // mapping outlives this borrow of `mem`.
-            let idx = unsafe { AtomicU16::from_ptr(ptr.cast()) };
-            idx.store(value.to_le(), Ordering::Release);
-            if log {
-                mark_range_dirty(mem, addr, 2);
-            }
-            true
-        }
-        _ => mem.store(value.to_le(), addr, Ordering::Release).is_ok(),
+    let Some(field) = guest_u16(mem, addr) else {
+        return mem.store(value.to_le(), addr, Ordering::Release).is_ok();
+    };
+    field.store(value.to_le(), Ordering::Release);
+    if log {
+        mark_range_dirty(mem, addr, 2);
     }
+    true
 }
 
 /// Loads a little-endian `u16` at `addr` with acquire ordering (the guest's
-/// event index or ring flags), without vm-memory's per-access overhead when
-/// one region holds it; None if it is not guest memory.
+/// event index or ring flags); None if it is not guest memory.
 pub fn load_guest_u16(mem: &GuestMemory, addr: GuestAddress) -> Option<u16> {
-    match host_address(mem, addr, 2) {
-        Some(ptr) if ptr as usize % std::mem::align_of::<AtomicU16>() == 0 => {
-            // SAFETY: as in store_guest_u16.
-            let field = unsafe { AtomicU16::from_ptr(ptr.cast()) };
-            Some(u16::from_le(field.load(Ordering::Acquire)))
-        }
-        _ => mem
-            .load::<u16>(addr, Ordering::Acquire)
-            .ok()
-            .map(u16::from_le),
-    }
+    let value = match guest_u16(mem, addr) {
+        Some(field) => field.load(Ordering::Acquire),
+        None => mem.load::<u16>(addr, Ordering::Acquire).ok()?,
+    };
+    Some(u16::from_le(value))
 }
 
 /// Marks `[addr, addr + len)` dirty in the migration log.
@@ -461,20 +478,7 @@ pub fn copy_from_segments(
         }
         let n = (seg_len - offset).min(buf.len() - copied);
         let addr = seg.addr.unchecked_add(offset as u64);
-        let dst = &mut buf[copied..copied + n];
-        // Fast path: one region holds the range (almost always). vm-memory's
-        // read_slice costs a region iterator and two Arc updates of the dirty
-        // bitmap per call, and the RX path calls this two or three times a
-        // frame (offload headers and payload, the attribution's prefix).
-        if let Some(src) = host_address(mem, addr, n) {
-            // SAFETY: host_address checked that `[src, src + n)` lies inside
-            // one mapped region, which stays mapped while `mem` is borrowed;
-            // `dst` is our own buffer, so the two do not overlap. The guest
-            // may write the range meanwhile: the bytes are then garbage,
-            // which every reader validates, as with vm-memory's own copy
-            // (also a plain memcpy for more than 8 bytes).
-            unsafe { std::ptr::copy_nonoverlapping(src.cast_const(), dst.as_mut_ptr(), n) };
-        } else if mem.read_slice(dst, addr).is_err() {
+        if !read_guest(mem, addr, &mut buf[copied..copied + n]) {
             break;
         }
         copied += n;
@@ -493,6 +497,12 @@ mod helper_tests {
 
     fn mem() -> GuestMemory {
         GuestMemory::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap()
+    }
+
+    /// Two adjacent 4 KiB regions: ranges across 0x1000 need vm-memory's path.
+    fn two_regions() -> GuestMemory {
+        GuestMemory::from_ranges(&[(GuestAddress(0), 0x1000), (GuestAddress(0x1000), 0x1000)])
+            .unwrap()
     }
 
     fn segs() -> Vec<Segment> {
@@ -537,9 +547,7 @@ mod helper_tests {
 
     #[test]
     fn reads_span_regions_and_stop_outside_guest_memory() {
-        let m =
-            GuestMemory::from_ranges(&[(GuestAddress(0), 0x1000), (GuestAddress(0x1000), 0x1000)])
-                .unwrap();
+        let m = two_regions();
         let data: Vec<u8> = (1..=16).collect();
         m.write_slice(&data, GuestAddress(0xff8)).unwrap();
         let s = [
@@ -562,9 +570,7 @@ mod helper_tests {
 
     #[test]
     fn writes_and_u16_accesses_take_the_slow_path_across_regions_and_fail_outside() {
-        let m =
-            GuestMemory::from_ranges(&[(GuestAddress(0), 0x1000), (GuestAddress(0x1000), 0x1000)])
-                .unwrap();
+        let m = two_regions();
         let data: Vec<u8> = (1..=16).collect();
         // Across the region boundary (vm-memory's path), then inside one.
         assert!(write_guest(&m, GuestAddress(0xff8), &data, false));
