@@ -510,6 +510,7 @@ impl Flow {
         matches!(self.mode, Mode::PassThrough(_)) && !self.owes()
     }
 
+    #[inline]
     fn learn_guest(&mut self, headers: &[u8], seg: &TcpSegment) {
         let template = Template::from(headers, seg);
         if template != self.guest_template {
@@ -527,6 +528,7 @@ impl Flow {
         }
     }
 
+    #[inline]
     fn learn_remote(&mut self, headers: &[u8], seg: &TcpSegment) {
         self.remote_template = Template::from(headers, seg);
         if seg.has(flags::ACK) {
@@ -625,6 +627,7 @@ impl Flow {
     /// A guest packet of this flow. `headers` is the caller's private copy
     /// of the frame headers, edited in place when the verdict is
     /// `Rewritten`; `needs_csum` says the TCP checksum is only a seed.
+    #[inline]
     pub fn on_guest(
         &mut self,
         headers: &mut [u8],
@@ -818,6 +821,7 @@ impl Flow {
     /// A remote segment of this flow, before it is delivered. Says which of
     /// its payload bytes are new in-order data; the caller keeps a copy of
     /// those and then calls [`Flow::commit`] after they are published.
+    #[inline]
     pub fn on_remote(
         &mut self,
         headers: &[u8],
@@ -933,6 +937,7 @@ impl Flow {
 
     /// The early ACK for data published up to D, if the rules allow one
     /// now (rules 2, 6-9, 11). Appends the frame to `out`.
+    #[inline]
     pub fn early_ack(&mut self, limits: FlowLimits, out: &mut Vec<u8>) -> Option<EarlyAck> {
         if !self.active() {
             return None;

@@ -278,6 +278,7 @@ pub fn parse(headers: &[u8], frame_len: usize) -> Option<TcpSegment> {
 
 /// Walks the options in `b[start..end]`. `None` if an option overruns the
 /// header (a malformed header is not ours to edit).
+#[inline(always)]
 fn parse_options(b: &[u8], start: usize, end: usize) -> Option<TcpOptions> {
     let mut o = TcpOptions::default();
     // Fast path: an established flow's segments carry exactly NOP, NOP,
