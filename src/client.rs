@@ -360,11 +360,12 @@ fn format_offload(o: &OffloadStats) -> String {
     );
     let _ = writeln!(
         out,
-        "  early ACKs {} for {} bytes ({} with ECE); guest ACKs {} suppressed, {} rewritten",
+        "  early ACKs {} for {} bytes ({} with ECE); guest ACKs {} suppressed ({} window updates deferred), {} rewritten",
         o.early_acks,
         o.early_acked_bytes,
         o.ece_acks,
         o.guest_acks_suppressed,
+        o.window_updates_deferred,
         o.guest_acks_rewritten
     );
     let _ = writeln!(

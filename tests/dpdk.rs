@@ -166,7 +166,7 @@ impl Setup {
     /// waits until it is connected and configured.
     fn testpmd(&mut self, devargs: &str, app_args: &[&str]) -> Testpmd {
         let vdev = format!("net_virtio_user0,path={},{devargs}", self.sock.display());
-        let mut pmd = Testpmd::spawn(&self.ns, &self.tmp.path, &vdev, app_args);
+        let mut pmd = Testpmd::spawn(&self.ns, &self.tmp.path, &[&vdev], app_args);
         self.vsnoop
             .wait_for_log("frontend connected", Duration::from_secs(30));
         self.ns.exec(&["ip", "link", "set", &self.tap, "up"]);
@@ -284,20 +284,14 @@ struct Testpmd {
 }
 
 impl Testpmd {
-    fn spawn(ns: &Netns, dir: &Path, vdev: &str, app_args: &[&str]) -> Testpmd {
+    fn spawn(ns: &Netns, dir: &Path, vdevs: &[&str], app_args: &[&str]) -> Testpmd {
         let prefix = unique("vsdp");
         let log = dir.join(format!("{prefix}.log"));
         let logfile = fs::File::create(&log).expect("create testpmd log");
         let mut cmd = ns.command("stdbuf");
         cmd.args(["-oL", "dpdk-testpmd", "--no-pci", "--no-huge", "-m", "1024"])
-            .args([
-                "--file-prefix",
-                &prefix,
-                "--lcores",
-                "0@0,1@1",
-                "--vdev",
-                vdev,
-            ])
+            .args(["--file-prefix", &prefix, "--lcores", "0@0,1@1"])
+            .args(vdevs.iter().flat_map(|v| ["--vdev", v]))
             .args(["--", "-i", "--total-num-mbufs=32768"])
             .args(app_args)
             .stdin(Stdio::piped())
@@ -685,4 +679,131 @@ fn two_queue_pairs_offered_one_used_loses_nothing() {
 #[test]
 fn two_queue_pairs_macswap() {
     macswap_case(2, TWO_QUEUES, &["--rxq=2", "--txq=2"], 2000, MIXED);
+}
+
+/// `vsnoop stats --json` over the control socket `ctl`, from inside `ns`.
+fn offload_stats(ns: &Netns, ctl: &Path) -> serde_json::Value {
+    let out = ns.exec(&[
+        env!("CARGO_BIN_EXE_vsnoop"),
+        "stats",
+        "--control",
+        ctl.to_str().expect("utf-8 path"),
+        "--json",
+    ]);
+    let json: serde_json::Value = serde_json::from_str(&out).expect("stats JSON");
+    json["offload"].clone()
+}
+
+/// The ACK offload against a receiver that keeps up: testpmd, in a second
+/// namespace, forwards between vsnoop (its virtio-user port) and a net_tap
+/// behind which the kernel's own TCP stack receives (`tcpsink`, built here
+/// from the guest's source). The TCG guest of the other offload tests is
+/// slow and often closes its window; this receiver reads at once, so nearly
+/// every one of its ACKs moves its window a little, just behind the early
+/// ACKs. The transfer must be hash-equal, early ACKs sent, and those small
+/// window updates left to the next early ACK (rule 10,
+/// `window_updates_deferred`) instead of rewritten and sent beside them.
+#[test]
+fn offload_with_a_fast_kernel_receiver() {
+    let _guard = serial();
+    require_tool("dpdk-testpmd");
+    require_tool("gcc");
+    let tmp = TempDir::new("fastrx");
+    let sink_bin = tmp.join("tcpsink");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tools/guest/tcpsink.c");
+    let gcc = std::process::Command::new("gcc")
+        .args(["-O2", "-o"])
+        .arg(&sink_bin)
+        .arg(&src)
+        .output()
+        .expect("run gcc");
+    assert!(
+        gcc.status.success(),
+        "gcc tcpsink.c: {}",
+        String::from_utf8_lossy(&gcc.stderr)
+    );
+    // Sender side: vsnoop's tap. Receiver side: testpmd and its net_tap.
+    let tx = Netns::new("vsdf");
+    let rx = Netns::new("vsdr");
+    for ns in [&tx, &rx] {
+        ns.exec(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"]);
+        ns.exec(&["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"]);
+    }
+    let tap = unique("vsdt");
+    let dt = unique("vsdr");
+    let sock = tmp.join("vhost.sock");
+    let ctl = tmp.join("control.sock");
+    let (sock_s, ctl_s) = (sock.display().to_string(), ctl.display().to_string());
+    let args = ["--socket", &sock_s, "--tap", &tap, "--control", &ctl_s];
+    let mut vsnoop = Vsnoop::spawn(&tx, &args, &tmp.join("vsnoop.log"));
+    vsnoop.wait_for_log("listening on", Duration::from_secs(20));
+    tx.wait_for_link(&tap, Duration::from_secs(10));
+    let virtio = format!("net_virtio_user0,path={sock_s},queues=1");
+    let net_tap = format!("net_tap0,iface={dt}");
+    let mut pmd = Testpmd::spawn(&rx, &tmp.path, &[&virtio, &net_tap], &["--forward-mode=io"]);
+    vsnoop.wait_for_log("frontend connected", Duration::from_secs(30));
+    pmd.wait_for("testpmd> ", 0, Duration::from_secs(60));
+    rx.wait_for_link(&dt, Duration::from_secs(10));
+    tx.exec(&["ip", "addr", "add", "10.77.0.1/24", "dev", &tap]);
+    tx.exec(&["ip", "link", "set", &tap, "up"]);
+    rx.exec(&["ip", "addr", "add", "10.77.0.2/24", "dev", &dt]);
+    rx.exec(&["ip", "link", "set", &dt, "up"]);
+    pmd.cmd("start");
+    let sink_log = fs::File::create(tmp.join("tcpsink.log")).expect("create tcpsink log");
+    let mut sink = rx
+        .command(sink_bin.to_str().expect("utf-8 path"))
+        .args(["-p", "5001"])
+        .stdout(Stdio::null())
+        .stderr(sink_log)
+        .spawn()
+        .expect("spawn tcpsink");
+    let before = offload_stats(&tx, &ctl);
+    let len = 64 << 20;
+    let result = common::sink::send_with(
+        &tx,
+        "10.77.0.2",
+        5001,
+        len,
+        &common::sink::SendOptions {
+            timeout: Duration::from_secs(120),
+            ..Default::default()
+        },
+    );
+    let after = offload_stats(&tx, &ctl);
+    let _ = sink.kill();
+    let _ = sink.wait();
+    let ctx = format!(
+        "\n--- vsnoop log (tail) ---\n{}\n--- testpmd log (tail) ---\n{}",
+        tail(&vsnoop.log_text(), 30),
+        tail(&pmd.log_text(), 30)
+    );
+    let r = result.unwrap_or_else(|e| panic!("transfer of {len} bytes: {e}{ctx}"));
+    let grew = |key: &str| after[key].as_u64().unwrap_or(0) - before[key].as_u64().unwrap_or(0);
+    let (early, suppressed, deferred, rewritten) = (
+        grew("early_acks"),
+        grew("guest_acks_suppressed"),
+        grew("window_updates_deferred"),
+        grew("guest_acks_rewritten"),
+    );
+    eprintln!(
+        "fast receiver: {len} bytes hash-equal at {:.0} MB/s; early ACKs {early}, guest ACKs \
+         suppressed {suppressed} (window updates deferred {deferred}), rewritten {rewritten}",
+        r.mbyte_per_s()
+    );
+    assert_eq!(
+        grew("flows_offloaded"),
+        1,
+        "the flow was not offloaded{ctx}"
+    );
+    assert!(early > 0, "no early ACKs{ctx}");
+    // Before rule 10 let small window updates wait, every one of them was
+    // rewritten and sent (0 suppressed); `rewritten` still counts the ACKs
+    // that pass with their TSecr raised (rule 9) and the updates that double
+    // the window or find it nearly full.
+    assert!(
+        deferred > 0 && deferred <= suppressed,
+        "window_updates_deferred {deferred} not in 1..={suppressed}{ctx}"
+    );
+    pmd.quit();
+    assert_eq!(vsnoop.terminate(), Some(0), "vsnoop exit status{ctx}");
 }

@@ -360,7 +360,7 @@ impl VsnoopCollector {
     /// ACK offload counters and gauges (README: ACK OFFLOAD).
     fn encode_offload(&self, enc: &mut DescriptorEncoder, tap: &[(&str, Escaped)]) -> fmt::Result {
         let o = self.shared.offload.stats();
-        let counters: [(&str, &str, u64); 15] = [
+        let counters: [(&str, &str, u64); 16] = [
             (
                 "early_acks",
                 "Early ACKs sent on the guest's behalf",
@@ -390,6 +390,11 @@ impl VsnoopCollector {
                 "guest_acks_rewritten",
                 "Guest packets with ack/window/TSecr/SACK rewritten",
                 o.guest_acks_rewritten,
+            ),
+            (
+                "window_updates_deferred",
+                "Suppressed guest ACKs whose small window growth the next early ACK carried",
+                o.window_updates_deferred,
             ),
             (
                 "redeliveries",

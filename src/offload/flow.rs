@@ -221,6 +221,9 @@ pub struct EarlyAck {
 pub struct FlowLimits {
     /// Upper bound on the window of our ACKs, in bytes (0: none; vSnoop's buf_size).
     pub window_bound: u32,
+    /// Early ACKs may be sent (the offload is on and no migration drains
+    /// it): a guest window update can wait for the next one.
+    pub early_acks: bool,
 }
 
 /// What to do with a guest packet.
@@ -249,6 +252,9 @@ pub struct TxEffects {
     pub established: Option<Mode>,
     /// RST: forget the flow.
     pub closed: bool,
+    /// A guest ACK below E whose only news was a little more window was
+    /// suppressed: the flow's next early ACK carries it (rule 10).
+    pub window_deferred: bool,
 }
 
 /// What a remote segment means for the flow, before its payload is kept.
@@ -728,7 +734,7 @@ impl Flow {
             fx.online = true;
         }
 
-        let verdict = self.guest_verdict(headers, seg, needs_csum, limits);
+        let verdict = self.guest_verdict(headers, seg, needs_csum, limits, &mut fx);
         (verdict, fx)
     }
 
@@ -739,6 +745,7 @@ impl Flow {
         seg: &TcpSegment,
         needs_csum: bool,
         limits: FlowLimits,
+        fx: &mut TxEffects,
     ) -> TxVerdict {
         let t = seg.tcp_at;
         let ack = seg.ack;
@@ -761,10 +768,12 @@ impl Flow {
         let sack_removed = sack_trimmed.is_some();
         let ece_new = seg.has(flags::ECE);
         let grows = seq_lt(self.edge_sent, self.gedge);
-        let nothing_new = seg.is_pure_ack() && !sack_kept && !ece_new && !grows;
+        let window_news = grows && (!below_e || self.window_update_due(limits));
+        let nothing_new = seg.is_pure_ack() && !sack_kept && !ece_new && !window_news;
         // An ACK that raises E is news to the sender, whatever SACK it carried.
         let stale_dup = !raises_e && ack == self.e && self.reached_e && sack_removed;
         if nothing_new && (below_e || stale_dup) {
+            fx.window_deferred = grows;
             return TxVerdict::Suppress;
         }
         if ack == self.e && seg.is_pure_ack() {
@@ -803,6 +812,30 @@ impl Flow {
         } else {
             TxVerdict::Pass
         }
+    }
+
+    /// Whether the guest's grown window must reach the sender now, in a
+    /// rewritten copy of a guest ACK below E (rule 10), or can wait for the
+    /// flow's next early ACK, which carries the guest's latest edge anyway.
+    /// While the application reads, nearly every guest ACK in a bulk
+    /// transfer moves the edge a little: sending each one beside the early
+    /// ACKs doubled the ACKs the sender's stack handles. It waits, as a
+    /// Linux receiver's own window updates do (`tcp_cleanup_rbuf` sends one
+    /// when the window at least doubles), unless the window the sender knows
+    /// beyond E is under two segments (it may be stopped by it), the update
+    /// doubles it, or no early ACK can follow (flow offline, offload off or
+    /// draining). The guest's ACK that reaches E always passes.
+    fn window_update_due(&self, limits: FlowLimits) -> bool {
+        if !(limits.early_acks && self.active()) {
+            return true;
+        }
+        let known = if seq_lt(self.e, self.edge_sent) {
+            self.edge_sent.wrapping_sub(self.e)
+        } else {
+            0
+        };
+        let fresh = u32::from(self.window_field(self.e, limits)) << self.ws_guest;
+        known < 2 * u32::from(self.guest_mss) || fresh >= known.saturating_mul(2)
     }
 
     /// Window field for an ACK of `ack` (rule 6): never past Gedge, clamped

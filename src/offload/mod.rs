@@ -233,6 +233,9 @@ pub struct OffloadCounters {
     pub guest_acks_suppressed: AtomicU64,
     /// Guest packets whose ack/window/TSecr/SACK were rewritten.
     pub guest_acks_rewritten: AtomicU64,
+    /// Suppressed guest ACKs below E whose only news was a little more
+    /// window: the flow's next early ACK carried it (rule 10).
+    pub window_updates_deferred: AtomicU64,
     /// Re-delivery attempts.
     pub redeliveries: AtomicU64,
     /// Bytes re-delivered.
@@ -297,6 +300,9 @@ pub struct OffloadStats {
     pub guest_acks_suppressed: u64,
     /// Guest packets rewritten.
     pub guest_acks_rewritten: u64,
+    /// Suppressed window updates (part of `guest_acks_suppressed`).
+    #[serde(default)]
+    pub window_updates_deferred: u64,
     /// Re-delivery attempts.
     pub redeliveries: u64,
     /// Bytes re-delivered.
@@ -357,6 +363,7 @@ impl OffloadCounters {
             checksums_verified: get(&self.checksums_verified),
             guest_acks_suppressed: get(&self.guest_acks_suppressed),
             guest_acks_rewritten: get(&self.guest_acks_rewritten),
+            window_updates_deferred: get(&self.window_updates_deferred),
             redeliveries: get(&self.redeliveries),
             redelivered_bytes: get(&self.redelivered_bytes),
             redelivery_dropped: get(&self.redelivery_dropped),
@@ -523,6 +530,7 @@ impl AckOffload {
     fn limits(&self) -> FlowLimits {
         FlowLimits {
             window_bound: self.cfg.window_bound,
+            early_acks: self.cfg.enabled && !self.draining,
         }
     }
 
@@ -658,7 +666,12 @@ impl AckOffload {
             inc(&self.counters.back_online);
         }
         match verdict {
-            TxVerdict::Suppress => inc(&self.counters.guest_acks_suppressed),
+            TxVerdict::Suppress => {
+                inc(&self.counters.guest_acks_suppressed);
+                if fx.window_deferred {
+                    inc(&self.counters.window_updates_deferred);
+                }
+            }
             TxVerdict::Rewritten => inc(&self.counters.guest_acks_rewritten),
             TxVerdict::Pass => {}
         }

@@ -1026,6 +1026,61 @@ fn rule_10_stale_guest_acks_are_suppressed_and_others_rewritten() {
 }
 
 #[test]
+fn rule_10_a_small_window_update_below_e_waits_for_the_next_early_ack() {
+    let mut h = Harness::new(Conn::default());
+    h.handshake();
+    let start = h.rseq;
+    // The guest opens its window to 20000 bytes (ack = E: it passes).
+    let ts = h.ts_g();
+    assert_ne!(h.guest_ack(start, 5000, ts).0, TxVerdict::Suppress);
+    h.data(1000).unwrap();
+    h.data(1000).unwrap();
+    // E = start + 2000; the sender knows the edge start + 20000 (18000
+    // bytes beyond E). A lagging ACK that moves the edge by 1000 bytes:
+    // not worth an ACK of its own.
+    let ts = h.ts_g();
+    let (v, _) = h.guest_ack(start + 1000, 5000, ts);
+    assert_eq!(v, TxVerdict::Suppress);
+    let s = h.stats();
+    assert_eq!((s.guest_acks_suppressed, s.window_updates_deferred), (1, 1));
+    // The next early ACK carries that edge.
+    let a = parse(&h.data(1000).unwrap());
+    assert_eq!(a.ack, start + 3000);
+    assert_eq!(right_edge(&a), u64::from(start + 1000 + 20_000));
+    // An update that doubles the window beyond E goes out at once, rewritten to E.
+    let ts = h.ts_g();
+    let (v, f) = h.guest_ack(start + 1500, 12_000, ts);
+    assert_eq!(v, TxVerdict::Rewritten);
+    let r = parse(&f);
+    assert_eq!(r.ack, start + 3000);
+    assert_eq!(right_edge(&r), u64::from(start + 1500 + 48_000));
+    assert!(tcp_ok(&f));
+    // A super-segment fills the window to 1500 bytes beyond E: the sender
+    // may be stopped by it, so even a small update goes out.
+    let a = parse(&h.data(45_000).unwrap());
+    assert_eq!(a.ack, start + 48_000);
+    let ts = h.ts_g();
+    let (v, f) = h.guest_ack(start + 2000, 12_001, ts);
+    assert_eq!(v, TxVerdict::Rewritten);
+    assert_eq!(right_edge(&parse(&f)), u64::from(start + 2000 + 48_004));
+    // The guest catches up (its ACK at E passes) and reopens wide.
+    let ts = h.ts_g();
+    assert_ne!(
+        h.guest_ack(start + 48_000, 12_001, ts).0,
+        TxVerdict::Suppress
+    );
+    // While a migration drains the offload no early ACK follows: a small
+    // update below E is rewritten, not held back.
+    h.data(1000).unwrap();
+    h.data(1000).unwrap();
+    h.eng.set_draining(true, h.now);
+    let ts = h.ts_g();
+    let (v, _) = h.guest_ack(start + 49_000, 12_001, ts);
+    assert_eq!(v, TxVerdict::Rewritten);
+    assert_eq!(h.stats().window_updates_deferred, 1);
+}
+
+#[test]
 fn rule_10_needs_csum_packets_keep_their_seed_and_sack_below_e_is_removed() {
     let mut h = Harness::new(Conn::default());
     h.handshake();
