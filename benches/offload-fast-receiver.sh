@@ -135,15 +135,16 @@ PIDS+=($!)
 wait_for 10 "iperf3 -s" ip netns exec "$NS_B" ss -ltn 'sport = :5201'
 
 stats() { "$VSNOOP" stats --control "$WORK/control.sock" --json; }
-# "early ACKs,guest ACKs suppressed,guest ACKs rewritten,RX frames,RX batches" so far.
+# "early ACKs,guest ACKs suppressed,window updates deferred (of those suppressed),
+# guest ACKs rewritten,RX frames,RX batches" so far.
 offload_counts() {
     stats | python3 -c 'import json,sys; j = json.load(sys.stdin); o = j["offload"]
 q = [sum(x[k] for x in j["queues"]) for k in ("rx_packets", "rx_batches")]
-print("%d,%d,%d,%d,%d" % (o["early_acks"], o["guest_acks_suppressed"], o["guest_acks_rewritten"], *q))'
+print("%d,%d,%d,%d,%d,%d" % (o["early_acks"], o["guest_acks_suppressed"], o.get("window_updates_deferred", 0), o["guest_acks_rewritten"], *q))'
 }
 CSV=benches/results/$PREFIX.csv
 mkdir -p benches/results
-echo "pair,offload,mbit_s,retransmits,vsnoop_cpu_us_per_mb,early_acks,guest_acks_suppressed,guest_acks_rewritten,rx_frames,rx_batches,perf_split" >"$CSV"
+echo "pair,offload,mbit_s,retransmits,vsnoop_cpu_us_per_mb,early_acks,guest_acks_suppressed,window_updates_deferred,guest_acks_rewritten,rx_frames,rx_batches,perf_split" >"$CSV"
 
 run() { # pair state
     local pair=$1 state=$2 t0 t1 e0 e1 out split=""
@@ -165,7 +166,8 @@ run() { # pair state
     python3 - "$WORK/iperf3.json" "$pair" "$state" "$((t1 - t0))" "$e0" "$e1" "$(getconf CLK_TCK)" "$split" >>"$CSV" <<'EOF'
 import json, sys
 pair, state, ticks, hz = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[7])
-# Early ACKs, guest ACKs suppressed and rewritten, RX frames and batches during the run.
+# Early ACKs, guest ACKs suppressed (window updates deferred among them) and
+# rewritten, RX frames and batches during the run.
 counts = [b - a for a, b in zip(map(int, sys.argv[5].split(",")), map(int, sys.argv[6].split(",")))]
 # perf's shares of the samples, as us of vsnoop's CPU per MB.
 r = json.load(open(sys.argv[1]))["end"]
@@ -204,7 +206,7 @@ cpu = [float(p["on"]["vsnoop_cpu_us_per_mb"]) / float(p["off"]["vsnoop_cpu_us_pe
 print(f"# {prefix}\n\n{version}; {pairs} ABBA pairs of {secs} s iperf3 runs, sender {cc}, "
       f"{'vsnoop and iperf3 pinned to one CPU' if pin == '1' else 'vsnoop and iperf3 unpinned'}, "
       "testpmd's forwarding lcore on the other.\n")
-print("| offload | runs | Mbit/s median (min-max) | vsnoop CPU us/MB | sender retransmits | early ACKs per run | guest ACKs suppressed / rewritten per run | RX frames per batch |")
+print("| offload | runs | Mbit/s median (min-max) | vsnoop CPU us/MB | sender retransmits | early ACKs per run | guest ACKs suppressed (window updates deferred) / rewritten per run | RX frames per batch |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|")
 for state in ("off", "on"):
     rs = [r for r in rows if r["offload"] == state]
@@ -212,7 +214,8 @@ for state in ("off", "on"):
     print(f"| {state} | {len(rs)} | {med(mbit):.0f} ({min(mbit):.0f}-{max(mbit):.0f}) | "
           f"{med([float(r['vsnoop_cpu_us_per_mb']) for r in rs]):.0f} | "
           f"{med([int(r['retransmits']) for r in rs]):.0f} | {med([int(r['early_acks']) for r in rs]):.0f} | "
-          f"{med([int(r['guest_acks_suppressed']) for r in rs]):.0f} / {med([int(r['guest_acks_rewritten']) for r in rs]):.0f} | "
+          f"{med([int(r['guest_acks_suppressed']) for r in rs]):.0f} "
+          f"({med([int(r['window_updates_deferred']) for r in rs]):.0f}) / {med([int(r['guest_acks_rewritten']) for r in rs]):.0f} | "
           f"{med([int(r['rx_frames']) / max(1, int(r['rx_batches'])) for r in rs]):.1f} |")
 lo, hi = boot(ratio)
 clo, chi = boot(cpu)
