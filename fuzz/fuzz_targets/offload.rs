@@ -19,8 +19,12 @@
 //!   the guest itself acknowledged), never carries SYN/FIN/RST, and its
 //!   window never reaches past the guest's last advertised right edge;
 //! - no early ACK follows a FIN from the guest (rule 13);
-//! - a suppressed guest ACK acknowledged nothing, advertised no edge and
-//!   SACKed nothing the sender had not already been told;
+//! - a suppressed guest ACK acknowledged nothing and SACKed nothing the
+//!   sender had not already been told, and advertised no edge it had not
+//!   been told unless it was a small window update left to the next early
+//!   ACK (rule 10: counted, the flow active, the offload on and not
+//!   draining, the window the sender knows at least two minimal segments,
+//!   and not doubled by the update);
 //! - a rewritten guest packet keeps a correct checksum (or stays corrupt,
 //!   or keeps its NEEDS_CSUM seed untouched) and never moves its ack back;
 //! - re-delivered bytes are the bytes the remote sent at those sequence
@@ -43,7 +47,7 @@ use std::sync::Arc;
 
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
-use vsnoop::offload::flow::TxVerdict;
+use vsnoop::offload::flow::{Mode, TxVerdict};
 use vsnoop::offload::wire::{self, flags, option, IpVersion, TcpSegment, MAX_HEADERS};
 use vsnoop::offload::{AckOffload, OffloadConfig, OffloadCounters, RxChecksum, RxToken};
 
@@ -251,7 +255,11 @@ impl Slot {
         if !seg.has(flags::SYN) || seg.has(flags::RST) {
             return;
         }
-        let announced = if from_guest { self.guest_ws } else { self.remote_ws };
+        let announced = if from_guest {
+            self.guest_ws
+        } else {
+            self.remote_ws
+        };
         if seg.options.wscale != announced {
             self.m.tainted = true;
         }
@@ -1022,7 +1030,10 @@ impl Run {
         let n = self.eng.flush_acks(&mut out, &mut ends);
         assert_eq!(n, ends.len(), "flush_acks' count and its frames disagree");
         assert_eq!(ends.last().copied().unwrap_or(0), out.len());
-        assert!(!self.eng.has_deferred_acks(), "early ACKs still wait after a flush");
+        assert!(
+            !self.eng.has_deferred_acks(),
+            "early ACKs still wait after a flush"
+        );
         let mut start = 0;
         for end in ends {
             self.check_early_ack(&out[start..end]);
@@ -1105,6 +1116,10 @@ impl Run {
             let end = s.gr(seg.seq) + i64::from(seg.seq_len());
             s.m.g_next = s.m.g_next.max(end);
         }
+        let deferred_before = self
+            .counters
+            .window_updates_deferred
+            .load(Ordering::Relaxed);
         let verdict = self
             .eng
             .guest_tx(&mut headers, frame_len, needs_csum, self.now);
@@ -1175,10 +1190,38 @@ impl Run {
                     );
                     let edge = a + (i64::from(seg.window) << ws);
                     let shown = s.m.sender_edge.unwrap_or(i64::MIN);
-                    assert!(
-                        edge <= shown,
-                        "suppressed a guest window update to {edge} past the edge shown {shown}"
-                    );
+                    if edge > shown {
+                        // Rule 10: only a small update, while an early ACK
+                        // (which carries the guest's edge) can follow, and
+                        // never while the sender knows under two segments
+                        // (of at least 64 bytes) beyond its ACK. The flow
+                        // was active when its verdict was made; the same
+                        // call may take it offline right after (re-delivery
+                        // after the guest's duplicate ACKs) or reset it.
+                        let counted = self
+                            .counters
+                            .window_updates_deferred
+                            .load(Ordering::Relaxed)
+                            > deferred_before;
+                        let mode = s.m.key.and_then(|k| self.eng.mode_of(&k));
+                        let early_acks = self.eng.enabled() && !self.eng.draining();
+                        let known = shown - s.m.sender_ack;
+                        let mut fresh = edge - s.m.sender_ack;
+                        if self.cfg.window_bound > 0 {
+                            fresh = fresh.min(i64::from(self.cfg.window_bound));
+                        }
+                        assert!(
+                            counted
+                                && early_acks
+                                && !matches!(mode, Some(Mode::PassThrough(_) | Mode::Handshake))
+                                && known >= 128
+                                && fresh < 2 * known + (1 << ws),
+                            "suppressed a guest window update to {edge} past the edge shown {shown} \
+                             (ack shown {}, counted {counted}, early ACKs {early_acks}, mode {mode:?}, \
+                             known {known}, fresh {fresh})",
+                            s.m.sender_ack
+                        );
+                    }
                     for (_, r) in wire::sack_blocks(&frame[..cut], &seg) {
                         let r = s.rr(r);
                         assert!(

@@ -1081,6 +1081,30 @@ fn rule_10_a_small_window_update_below_e_waits_for_the_next_early_ack() {
 }
 
 #[test]
+fn rule_10_an_offline_flow_sends_small_window_updates_at_once() {
+    let mut h = Harness::new(Conn::default());
+    h.handshake();
+    let start = h.rseq;
+    let ts = h.ts_g();
+    assert_ne!(h.guest_ack(start, 5000, ts).0, TxVerdict::Suppress);
+    h.data(1000).unwrap();
+    h.data(1000).unwrap();
+    // A hole takes the flow offline: no early ACK will carry the window.
+    h.rseq += 100;
+    assert!(h.data(100).is_none());
+    assert_eq!(h.mode(), Mode::Offline(OfflineReason::Hole));
+    // The same small update that waits while the flow is active
+    // (rule_10_a_small_window_update_below_e_waits_for_the_next_early_ack)
+    // goes out now, rewritten to E.
+    let ts = h.ts_g();
+    let (v, f) = h.guest_ack(start + 1000, 5000, ts);
+    assert_eq!(v, TxVerdict::Rewritten);
+    assert_eq!(parse(&f).ack, start + 2000);
+    assert_eq!(right_edge(&parse(&f)), u64::from(start + 1000 + 20_000));
+    assert_eq!(h.stats().window_updates_deferred, 0);
+}
+
+#[test]
 fn rule_10_needs_csum_packets_keep_their_seed_and_sack_below_e_is_removed() {
     let mut h = Harness::new(Conn::default());
     h.handshake();
