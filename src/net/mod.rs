@@ -97,7 +97,7 @@ impl QueuePair {
     /// The offload engine if it has anything to do (lock-free check).
     #[inline(always)]
     pub fn offload(&self) -> Option<&Arc<OffloadPort>> {
-        self.offload.as_ref().filter(|o| o.busy())
+        busy_offload(&self.offload)
     }
 
     /// Writes a frame the offload generated (early ACK, reset) to the tap
@@ -167,11 +167,7 @@ impl QueuePair {
     /// `None`, so the compiler removes every timestamp and hook call.
     #[inline(always)]
     pub fn hook(&self) -> Option<&Arc<dyn DataPathHook>> {
-        if cfg!(feature = "timing") {
-            self.hook.as_ref()
-        } else {
-            None
-        }
+        timing_hook(&self.hook)
     }
 
     /// Forgets everything tied to a frontend connection.
@@ -362,6 +358,23 @@ pub fn write_guest(mem: &GuestMemory, addr: GuestAddress, data: &[u8], log: bool
         mark_range_dirty(mem, addr, data.len());
     }
     true
+}
+
+/// [`QueuePair::offload`] on the field alone, for code that also holds
+/// other fields of the pair mutably.
+#[inline(always)]
+pub(crate) fn busy_offload(offload: &Option<Arc<OffloadPort>>) -> Option<&Arc<OffloadPort>> {
+    offload.as_ref().filter(|o| o.busy())
+}
+
+/// [`QueuePair::hook`] on the field alone (see [`busy_offload`]).
+#[inline(always)]
+pub(crate) fn timing_hook(hook: &Option<Arc<dyn DataPathHook>>) -> Option<&Arc<dyn DataPathHook>> {
+    if cfg!(feature = "timing") {
+        hook.as_ref()
+    } else {
+        None
+    }
 }
 
 /// Reads `buf.len()` bytes at `addr`; false if the range is not all guest

@@ -15,7 +15,8 @@ use super::rx::notify_guest;
 use super::used::UsedRing;
 use super::vnet_hdr::{VnetHdr, FLAG_NEEDS_CSUM, HDR_LEN_V1, MAX_FRAME_LEN};
 use super::{
-    copy_from_segments, push_iovecs_from, ring_has_new_buffers, IovecBuf, QueuePair, BATCH, IOV_MAX,
+    busy_offload, copy_from_segments, push_iovecs_from, ring_has_new_buffers, timing_hook,
+    IovecBuf, QueuePair, BATCH, IOV_MAX,
 };
 use crate::metrics::QueueMetrics;
 use crate::offload::flow::TxVerdict;
@@ -169,7 +170,7 @@ impl QueuePair {
                 iov_len: n,
             });
         }
-        if let Some(offload) = self.offload().cloned() {
+        if let Some(offload) = busy_offload(&self.offload) {
             // ACK offload (rule 10): learn from the guest's packet, then send
             // it as is, send an edited copy of its headers, or drop it.
             let edited = hdr_len + (total - hdr_len).min(MAX_HEADERS);
@@ -190,7 +191,7 @@ impl QueuePair {
             match verdict {
                 TxVerdict::Pass => {}
                 TxVerdict::Suppress => {
-                    if let Some(hook) = self.hook().cloned() {
+                    if let Some(hook) = timing_hook(&self.hook) {
                         let view = PacketView {
                             mem,
                             segments: &self.tx.segments,
@@ -240,7 +241,7 @@ impl QueuePair {
             Ok(Some(_)) => {
                 QueueMetrics::inc(&m.tx_packets);
                 QueueMetrics::add(&m.tx_bytes, (total - hdr_len) as u64);
-                if let Some(hook) = self.hook().cloned() {
+                if let Some(hook) = timing_hook(&self.hook) {
                     stamps.host_out = now_ns();
                     let view = PacketView {
                         mem,
