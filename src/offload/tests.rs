@@ -1025,16 +1025,23 @@ fn rule_10_stale_guest_acks_are_suppressed_and_others_rewritten() {
     assert_eq!((s.guest_acks_suppressed, s.guest_acks_rewritten), (1, 1));
 }
 
-#[test]
-fn rule_10_a_small_window_update_below_e_waits_for_the_next_early_ack() {
+/// An offloaded flow whose guest opened its window to 20000 bytes (that
+/// ACK, at E, passes), then got 2000 bytes, early-ACKed. Returns the
+/// harness and the sequence number the data started at.
+fn window_of_20000_with_2000_bytes_acked_early() -> (Harness, u32) {
     let mut h = Harness::new(Conn::default());
     h.handshake();
     let start = h.rseq;
-    // The guest opens its window to 20000 bytes (ack = E: it passes).
     let ts = h.ts_g();
     assert_ne!(h.guest_ack(start, 5000, ts).0, TxVerdict::Suppress);
     h.data(1000).unwrap();
     h.data(1000).unwrap();
+    (h, start)
+}
+
+#[test]
+fn rule_10_a_small_window_update_below_e_waits_for_the_next_early_ack() {
+    let (mut h, start) = window_of_20000_with_2000_bytes_acked_early();
     // E = start + 2000; the sender knows the edge start + 20000 (18000
     // bytes beyond E). A lagging ACK that moves the edge by 1000 bytes:
     // not worth an ACK of its own.
@@ -1082,13 +1089,7 @@ fn rule_10_a_small_window_update_below_e_waits_for_the_next_early_ack() {
 
 #[test]
 fn rule_10_an_offline_flow_sends_small_window_updates_at_once() {
-    let mut h = Harness::new(Conn::default());
-    h.handshake();
-    let start = h.rseq;
-    let ts = h.ts_g();
-    assert_ne!(h.guest_ack(start, 5000, ts).0, TxVerdict::Suppress);
-    h.data(1000).unwrap();
-    h.data(1000).unwrap();
+    let (mut h, start) = window_of_20000_with_2000_bytes_acked_early();
     // A hole takes the flow offline: no early ACK will carry the window.
     h.rseq += 100;
     assert!(h.data(100).is_none());
