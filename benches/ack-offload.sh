@@ -108,6 +108,8 @@
 #   XFER_AB_OFF_BOOT [0] the pairs also on the boot started with --ack-offload off
 #   BULK_AB       [1]    also alternate offload off/on (control socket) on the
 #                        offload-on boot, BULK_REPS pairs
+#   BULK_PER_BOOT [1]    0: on the boot that runs those pairs, only the pairs
+#                        (the per-boot runs take a third of the time)
 #   IPERF_TIME    [10]   seconds per iperf3 run
 #   BULK_PERF     [0]    1: perf record -g on vsnoop during every bulk run, and
 #                        split its CPU per MB into the host network stack's
@@ -193,6 +195,7 @@ COUNT_10M=${COUNT_10M:-$((COUNT < 30 ? COUNT : 30))}
 WARMUP=${WARMUP:-3}
 BULK_REPS=${BULK_REPS:-3}
 BULK_AB=${BULK_AB:-1}
+BULK_PER_BOOT=${BULK_PER_BOOT:-1}
 XFER_AB=${XFER_AB:-0}
 XFER_AB_OFF_BOOT=${XFER_AB_OFF_BOOT:-0}
 IPERF_TIME=${IPERF_TIME:-10}
@@ -777,13 +780,16 @@ describe_bulk() { # iperf_once's line
 }
 
 bulk() { # config
-    local config=$1 i r order state
-    for i in $(seq "$BULK_REPS"); do
-        r=$(iperf_once "$config")
-        echo "$config,per-boot,$i,$r" >>"$BULK_CSV"
-        log "  bulk $config #$i: $(describe_bulk "$r")"
-    done
-    if [[ $config == on && $BULK_AB == 1 ]]; then
+    local config=$1 i r order state pairs=0
+    [[ $config == on && $BULK_AB == 1 ]] && pairs=1
+    if [[ $pairs == 0 || $BULK_PER_BOOT == 1 ]]; then
+        for i in $(seq "$BULK_REPS"); do
+            r=$(iperf_once "$config")
+            echo "$config,per-boot,$i,$r" >>"$BULK_CSV"
+            log "  bulk $config #$i: $(describe_bulk "$r")"
+        done
+    fi
+    if [[ $pairs == 1 ]]; then
         # Pairs in ABBA order (off-on, on-off, ...), so a drift of the
         # machine over the series does not favour either state.
         for i in $(seq "$BULK_REPS"); do
