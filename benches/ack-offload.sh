@@ -349,7 +349,11 @@ esac
 
 # --- the plot program (built first: fail early) --------------------------------------------
 PLOTTER=""
-if [[ $PLOT == 1 && " $SIZES " != *" 100K "* ]]; then
+plot_size=0 # the plot shows the 100 KB transfers
+for s in $SIZES; do
+    case $s in 100K | 100k | 100000) plot_size=1 ;; esac
+done
+if [[ $PLOT == 1 && $plot_size == 0 ]]; then
     log "no 100K in SIZES: no CDF plot"
 elif [[ $PLOT == 1 ]]; then
     log "building the plot program (cargo build --release --example ack_cdf)"
