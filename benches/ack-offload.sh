@@ -90,10 +90,9 @@
 #   CONTENTIONS   ["none cg30/10 cg30/6 stop10/20"]
 #   SIZES         ["10K 100K 1M 10M"]   (K = 10^3, M = 10^6 bytes)
 #   COUNT         [100]  transfers per size and row; COUNT_<size> per size, e.g.
-#                        COUNT_100K=1000 (the paper's count)
-#   COUNT_10M     [COUNT] 10 MB transfers per row (0.2-0.5 s each throttled with
-#                        the f64 digest: 100 in each of the 12 default rows take
-#                        about 8 min)
+#                        COUNT_100K=1000 (the paper's count). 10 MB transfers take
+#                        0.2-0.5 s each throttled with the f64 digest: 100 in each
+#                        of the 12 default rows take about 8 min
 #   WARMUP        [3]    unrecorded transfers per row before the first size
 #   QUICK=1       smoke run: COUNT=5, 1 bulk run of 3 s, PREFIX ack-offload-quick
 #   BULK_REPS     [3]    iperf3 runs per configuration (none rows); 0 = no bulk
@@ -190,7 +189,6 @@ CONFIGS=${CONFIGS:-"vanilla off on"}
 CONTENTIONS=${CONTENTIONS:-"none cg30/10 cg30/6 stop10/20"}
 SIZES=${SIZES:-"10K 100K 1M 10M"}
 COUNT=${COUNT:-100}
-COUNT_10M=${COUNT_10M:-$COUNT}
 WARMUP=${WARMUP:-3}
 BULK_REPS=${BULK_REPS:-3}
 BULK_AB=${BULK_AB:-1}
@@ -348,10 +346,18 @@ SH
 esac
 
 # --- the plot program (built first: fail early) --------------------------------------------
+size_bytes() { # 10K, 10k, 10M or 10000 -> 10000
+    case $1 in
+    *[kK]) echo $((${1%?} * 1000)) ;;
+    *M) echo $((${1%?} * 1000000)) ;;
+    *) echo "$1" ;;
+    esac
+}
+
 PLOTTER=""
 plot_size=0 # the plot shows the 100 KB transfers
 for s in $SIZES; do
-    case $s in 100K | 100k | 100000) plot_size=1 ;; esac
+    if [[ $(size_bytes "$s") == 100000 ]]; then plot_size=1; fi
 done
 if [[ $PLOT == 1 && $plot_size == 0 ]]; then
     log "no 100K in SIZES: no CDF plot"
@@ -814,11 +820,7 @@ bulk() { # config
 sizes_plan() { # [count for every size] -> size=count,...
     local out=() s bytes count var
     for s in $SIZES; do
-        case $s in
-        *[kK]) bytes=$((${s%?} * 1000)) ;;
-        *M) bytes=$((${s%?} * 1000000)) ;;
-        *) bytes=$s ;;
-        esac
+        bytes=$(size_bytes "$s")
         var="COUNT_${s}"
         count=${1:-${!var:-$COUNT}}
         out+=("$bytes=$count")
