@@ -18,6 +18,11 @@
 //! - a 64 KB GSO super-segment from the tap (45 x 1448 B, how a host-side
 //!   sender's data reaches the backend), reported per 1448 B: one parse,
 //!   lookup and early ACK for 45 segments' worth of custody copy;
+//! - the custody copy alone, the floor under the case before: the same
+//!   64 KB payload copied with `copy_from_slice` into a buffer as large as
+//!   the custody one batch of that case fills, per 1448 B, no engine. The
+//!   contract requires this copy (custody), so the engine's own logic on a
+//!   GSO segment is that case minus this one, measured in the same run;
 //!
 //! with 1, 1k, 100k and 1M established flows in the table (each learned from
 //! a full handshake, IPv4 with MSS, window scale 7, SACK and timestamps).
@@ -146,6 +151,8 @@ struct Bench {
     reply: Vec<u8>,
     acks: Vec<Vec<u8>>,
     payload: Vec<u8>,
+    /// Where the custody-copy floor copies to (allocated by its first run).
+    copy_to: Vec<u8>,
     out: Vec<u8>,
     /// End offsets of the frames `flush` got.
     ends: Vec<usize>,
@@ -240,6 +247,7 @@ impl Bench {
             reply,
             acks: vec![Vec::new(); BATCH],
             payload: vec![0x5a; MSS * GSO_SEGS],
+            copy_to: Vec::new(),
             out: Vec::with_capacity(128),
             ends: Vec::new(),
         }
@@ -380,6 +388,14 @@ impl Bench {
         n
     }
 
+    /// Segments of `len` bytes in one batch of [`Bench::run_data`]: it
+    /// stays inside every flow's window (the guest advertises 64 KB << WS
+    /// and catches up between batches).
+    fn batch_len(&self, left: usize, len: usize, run: usize) -> usize {
+        let per_flow = ((usize::from(u16::MAX) << WS) / len).max(run);
+        left.min(BATCH).min(self.n.saturating_mul(per_flow))
+    }
+
     /// Timed: `iters` data segments of `len` payload bytes, visiting the
     /// flows in turn, `run` segments of a flow back to back, then the end
     /// of the RX batch.
@@ -387,11 +403,8 @@ impl Bench {
         let mut total = Duration::ZERO;
         let mut left = iters as usize;
         let mut touched = Vec::with_capacity(BATCH);
-        // A batch stays inside every flow's window (the guest advertises
-        // 64 KB << WS and catches up between batches).
-        let per_flow = ((usize::from(u16::MAX) << WS) / len).max(run);
         while left > 0 {
-            let b = left.min(BATCH).min(self.n.saturating_mul(per_flow));
+            let b = self.batch_len(left, len, run);
             touched.clear();
             let flows: Vec<usize> = self.flows(b.div_ceil(run)).collect();
             touched.extend(
@@ -414,6 +427,31 @@ impl Bench {
             assert_eq!(acked, want, "early ACKs for {b} segments in runs of {run}");
             touched.dedup();
             self.catch_up(&touched);
+            left -= b;
+        }
+        total
+    }
+
+    /// Timed: the custody copy of `iters` segments of `len` bytes alone,
+    /// batch by batch as [`Bench::run_data`] makes them, each batch's
+    /// copies side by side in one buffer, as the custody of one flow holds
+    /// them until the guest catches up. The destination was written before
+    /// (no page faults), as a custody ring in use has been.
+    fn run_copy(&mut self, iters: u64, len: usize) -> Duration {
+        if self.copy_to.len() < BATCH * len {
+            self.copy_to = vec![0x11; BATCH * len];
+        }
+        let mut total = Duration::ZERO;
+        let mut left = iters as usize;
+        let src = &self.payload[..len];
+        while left > 0 {
+            let b = self.batch_len(left, len, 1);
+            let t0 = Instant::now();
+            for to in self.copy_to[..b * len].chunks_exact_mut(len) {
+                to.copy_from_slice(black_box(src));
+            }
+            black_box(&mut self.copy_to);
+            total += t0.elapsed();
             left -= b;
         }
         total
@@ -493,21 +531,23 @@ thread_local! {
     static SAMPLES: RefCell<BTreeMap<(usize, usize), Vec<f64>>> = RefCell::default();
 }
 
-const CASES: [&str; 5] = [
+const CASES: [&str; 6] = [
     "remote data segment (rx + early ACK)",
     "guest ACK below E, suppressed",
     "guest data with ACK below E, rewritten",
     "per 1448 B of a 64 KB GSO segment",
     "remote data segment, 2 in a row per flow",
+    "the custody copy alone, per 1448 B",
 ];
 
 /// Timed run of case `case` ([`CASES`]), `iters` packets; ns are per
-/// packet, or per full-sized segment inside the GSO segment (case 3).
+/// packet, or per full-sized segment inside the GSO segment (cases 3, 5).
 fn run_case(b: &mut Bench, case: usize, iters: u64) -> Duration {
     match case {
         0 => b.run_data(iters, MSS, 1),
         3 => b.run_data(iters, MSS * GSO_SEGS, 1) / GSO_SEGS as u32,
         4 => b.run_data(iters, MSS, 2),
+        5 => b.run_copy(iters, MSS * GSO_SEGS) / GSO_SEGS as u32,
         c => b.run_acks(iters, c == 2),
     }
 }
@@ -584,9 +624,10 @@ fn summary() {
 }
 
 /// `OFFLOAD_BENCH_FIXED=<flows>,<iters>[,<case>]`: no criterion, a fixed
-/// number of packets per case (or only case 0..=3 of [`CASES`]) (for instruction counts under callgrind, which are
-/// repeatable on a loaded machine: divide the inclusive cost of
-/// `Bench::data` / `Bench::guest_ack` by their call counts).
+/// number of packets per case, or of one case (its index in [`CASES`]). For
+/// instruction counts under callgrind, which are repeatable on a loaded
+/// machine: divide the inclusive cost of `Bench::data` / `Bench::guest_ack`
+/// by their call counts.
 fn fixed(spec: &str) {
     let mut it = spec
         .split(',')

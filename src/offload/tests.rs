@@ -1651,3 +1651,30 @@ fn custody_reuses_a_spare_buffer_whether_or_not_the_checksum_is_verified() {
         assert_eq!(h.stats().custody_bytes, 1000);
     }
 }
+
+/// A custody that grew past a fast flow's window (here 5 MB, an 8 MiB ring)
+/// is kept for reuse too when the guest catches up: dropped, the next burst
+/// regrows it from 2 KB on fresh pages.
+#[test]
+fn custody_reuses_a_large_buffer() {
+    let mut h = Harness::new(Conn::default());
+    h.handshake();
+    const SEG: usize = 65_000;
+    for _ in 0..80 {
+        let s = h.next_seg(SEG);
+        // Past the guest's edge, so no early ACK: custody all the same.
+        h.rx_frame(&build(&h.conn, false, &s), RxChecksum::Partial);
+    }
+    assert_eq!(h.stats().custody_bytes, 80 * SEG as u64);
+    let ts = h.ts_g();
+    h.guest_ack(h.rseq, 1000, ts);
+    assert_eq!(h.stats().custody_bytes, 0);
+    let kept: Vec<usize> = h.eng.spare.iter().map(Vec::capacity).collect();
+    assert!(
+        matches!(kept[..], [cap] if cap >= 80 * SEG),
+        "the emptied 8 MiB ring is kept: {kept:?}"
+    );
+    let s = h.next_seg(SEG);
+    h.rx_frame(&build(&h.conn, false, &s), RxChecksum::Partial);
+    assert!(h.eng.spare.is_empty(), "the next burst took it");
+}
